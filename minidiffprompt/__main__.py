@@ -1,0 +1,72 @@
+"""Command line: `python -m minidiffprompt <command> --preset tiny|paper [--data DIR] [--out RUN] [--key value ...]`.
+
+    python -m minidiffprompt demo                              # the whole tiny pipeline, report in runs/demo
+    python -m minidiffprompt train-vae --preset tiny --epochs 3
+    python -m minidiffprompt train-prompts --preset paper --data data/refcoco/processed --method vpt
+    python -m minidiffprompt evaluate --preset tiny --use_giou true
+
+Any field of the command's stage configs (see minidiffprompt/config.py) can be set with `--field value`.
+Every stage writes into the run folder (`--out`, default runs/<preset>) and resumes from its last checkpoint
+unless `--no-resume` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+from .config import apply_overrides, get_preset
+
+# command -> (module with main(preset, data, out, resume), the preset sections its --key value options may set)
+COMMANDS = {
+    "train-vae": ("train_vae", ("data", "vae"), "stage 1: train the Mask-VAE"),
+    "train-dit": ("train_dit", ("data", "dit"), "stage 2: train the DiT prompt generator"),
+    "train-glip": ("train_glip", ("data", "glip"), "pre-train the tiny GLIP on the detection split"),
+    "train-prompts": ("train_prompts", ("data", "prompt"), "stage 3: prompt tuning (Diff-Prompt or a baseline)"),
+    "evaluate": ("evaluate", ("data", "eval", "prompt"), "R@1 / R@5 / UB on val, testA, testB"),
+    "demo": ("demo", ("data", "vae", "dit", "glip", "prompt", "eval"), "the whole tiny pipeline with a report"),
+    "bench": ("bench", ("data", "vae", "dit", "glip", "prompt", "eval"), "throughput and memory of every stage"),
+}
+
+
+def parse_overrides(rest: list[str]) -> dict[str, str]:
+    overrides, i = {}, 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--"):
+            raise SystemExit(f"unexpected argument {arg!r}: options are written --key value")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(rest):
+            value, i = rest[i + 1], i + 2
+        else:
+            raise SystemExit(f"--{key} needs a value")
+        overrides[key] = value
+    return overrides
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(prog="python -m minidiffprompt", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v[2]}" for k, v in COMMANDS.items()))
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "paper"])
+    parser.add_argument("--data", type=Path, default=None, help="processed data folder (default: the preset's)")
+    parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<preset>, demo: runs/demo)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--no-resume", action="store_true", help="start the stage afresh")
+    args, rest = parser.parse_known_args(argv)
+
+    module_name, sections, _ = COMMANDS[args.command]
+    preset = get_preset(args.preset)
+    preset.device = args.device
+    apply_overrides([getattr(preset, s) for s in sections], parse_overrides(rest))
+    data = args.data or Path(preset.data.root)
+    out = args.out or Path("runs") / ("demo" if args.command == "demo" else preset.name)
+    module = importlib.import_module(f"minidiffprompt.{module_name}")
+    return module.main(preset, data, out, resume=not args.no_resume)
+
+
+if __name__ == "__main__":
+    main()

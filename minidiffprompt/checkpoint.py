@@ -1,0 +1,131 @@
+"""Reading, checking and writing weights: atomic writes, strict loads with errors that name the keys.
+
+Every file this package writes goes to `path.tmp` first and is renamed into place, so a run killed mid-write
+leaves the previous checkpoint intact. Every file it reads is opened with `weights_only=True` (no arbitrary
+unpickling) or through safetensors.
+"""
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class CheckpointMismatch(RuntimeError):
+    """A state dict does not fit the model: lists the missing, unexpected and mis-shaped keys."""
+
+
+def _replace_atomically(write, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_save(obj, path) -> Path:
+    """torch.save `obj` to `path` atomically (tmp file + rename)."""
+    return _replace_atomically(lambda tmp: torch.save(obj, tmp), path)
+
+
+def save_weights(state_dict: dict, path) -> Path:
+    """Write a state dict as safetensors, atomically. Shared storage (tied weights) is cloned apart."""
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
+    return _replace_atomically(lambda tmp: save_file(tensors, str(tmp)), path)
+
+
+def read_state_dict(path, key: str | None = None) -> dict:
+    """Load tensors from .safetensors, or .bin/.pt/.pth/.ckpt with weights_only=True.
+
+    `key` picks an entry of a dict checkpoint (e.g. "model", "ema", "state_dict"); a diffusers/HF folder is
+    resolved to the weights file inside it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name in ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin",
+                     "pytorch_model.bin"):
+            if (path / name).exists():
+                return read_state_dict(path / name, key)
+        raise FileNotFoundError(f"{path}: no weights file (expected model.safetensors, "
+                                f"diffusion_pytorch_model.safetensors or a .bin) in this folder")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            obj = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, wrong format, pickled objects that are not plain tensors
+        raise CheckpointMismatch(
+            f"{path}: could not be read as a weights file ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            "The file may be truncated (re-download it) or hold pickled Python objects; this package only reads "
+            "tensors (safetensors, or torch files loadable with weights_only=True).") from None
+    if key is not None:
+        if not isinstance(obj, dict) or key not in obj:
+            have = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
+            raise CheckpointMismatch(f"{path}: has no entry {key!r} (top-level entries: {have})")
+        obj = obj[key]
+    if not isinstance(obj, dict):
+        raise CheckpointMismatch(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    return obj
+
+
+def load_strict(module: nn.Module, state_dict: dict, source: str = "checkpoint") -> nn.Module:
+    """`module.load_state_dict(state_dict, strict=True)` with an error that lists every offending key."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    misshaped = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                 for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or misshaped:
+        def show(title, items):
+            more = f" ... and {len(items) - 12} more" if len(items) > 12 else ""
+            return f"\n  {title} ({len(items)}): " + ", ".join(items[:12]) + more if items else ""
+        raise CheckpointMismatch(
+            f"{source} does not match {type(module).__name__}:"
+            + show("missing keys", missing) + show("unexpected keys", unexpected)
+            + show("mis-shaped keys", misshaped)
+            + "\n  Check that the file is the right model and that the preset/architecture options match it.")
+    module.load_state_dict(state_dict, strict=True)
+    return module
+
+
+def keys_from_tsv(path) -> dict[str, tuple]:
+    """Read a spec key manifest (`key<TAB>shape` per line; shapes written as (a, b) or [a,b])."""
+    shapes = {}
+    for line in Path(path).read_text().splitlines():
+        if not line.strip() or "\t" not in line:
+            continue
+        key, shape = line.split("\t")[:2]
+        if key == "key":
+            continue
+        shape = shape.strip().replace("[", "(").replace("]", ")")
+        if shape in ("()", ""):
+            shapes[key] = ()
+        else:
+            value = ast.literal_eval(shape if shape.endswith(",)") or "," in shape else shape[:-1] + ",)")
+            shapes[key] = tuple(int(s) for s in value)
+    return shapes
+
+
+def save_training(path, **state) -> Path:
+    """Atomically write a resumable training state (model/optimizer/scheduler state dicts, counters, config)."""
+    return atomic_save(state, path)
+
+
+def load_training(path) -> dict | None:
+    """The training state written by `save_training`, or None when there is none yet (fresh run)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointMismatch(f"{path}: unreadable training checkpoint ({type(e).__name__}). Delete it to "
+                                 "start this stage afresh, or pass --no-resume.") from None

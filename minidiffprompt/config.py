@@ -1,0 +1,237 @@
+"""Presets: one dataclass per stage, the paper's values as defaults, a CPU-sized `tiny()` beside each.
+
+    from minidiffprompt.config import get_preset
+    preset = get_preset("tiny")          # or "paper"
+    preset.vae.lr                        # every value of every stage in one place
+
+The CLI overrides any field of the stage it runs: `python -m minidiffprompt train-vae --preset tiny --epochs 3`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class DataConfig:
+    """Where the processed RefCOCO-format split files live and how images/masks are sized (spec/GLIP_T_A.md §1.2)."""
+    root: str = "data/refcoco/processed"  # output of `data_prep.py refcoco`
+    image_size: int = 224                 # GLIP input, FIX_RES: square, aspect ratio not kept
+    mask_size: int = 224                  # Mask-VAE input
+    num_workers: int = 4
+
+    @classmethod
+    def tiny(cls) -> "DataConfig":
+        return cls(root="data/synthref/processed", image_size=96, mask_size=64, num_workers=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 1: Mask-VAE (spec/DIFF_PROMPT_STAGES.md §1)
+
+
+@dataclass
+class VAEConfig:
+    """Mask-VAE architecture (diffusers AutoencoderKL layout) and the authors' training recipe."""
+    block_out_channels: tuple = (4, 8, 16, 16)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 2
+    lr: float = 5e-3
+    lr_gamma: float = 0.95      # ExponentialLR, stepped once per epoch
+    batch_size: int = 64
+    epochs: int = 200
+    kl_weight: float = 3.7732e-4
+    seed: int = 1265
+
+    @classmethod
+    def tiny(cls) -> "VAEConfig":
+        return cls(batch_size=32, epochs=6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 2: DiT prompt generator + diffusion (spec/DIFF_PROMPT_STAGES.md §2-§3)
+
+
+@dataclass
+class DiTConfig:
+    """DiT-My/2, its condition encoder and the diffusion/training recipe."""
+    input_size: int = 28           # latent side = mask_size // 8
+    patch_size: int = 2
+    hidden_size: int = 512
+    depth: int = 12
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    learn_sigma: bool = True
+    condition: str = "clip"        # "clip" (ViT-B/32 via transformers) or "tiny" (no download)
+    clip_path: str = "openai/clip-vit-base-patch32"  # local folder or HF-cache name; never downloaded
+    cond_dim: int = 512
+    diffusion_steps: int = 100
+    noise_schedule: str = "linear"  # training schedule (spec §3.1)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    epochs: int = 100
+    ema_decay: float = 0.9999
+    cache_latents: bool = False
+    seed: int = 0
+
+    @classmethod
+    def tiny(cls) -> "DiTConfig":
+        return cls(input_size=8, hidden_size=128, depth=4, num_heads=4, condition="tiny", cond_dim=128,
+                   batch_size=64, epochs=20, lr=1e-3, ema_decay=0.99, cache_latents=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GLIP-T(A) (spec/GLIP_T_A.md)
+
+
+@dataclass
+class GLIPConfig:
+    """GLIP-T(A): Swin-T + FPN + DyHead + ATSS grounding head + BERT; values of spec/GLIP_T_A.md §1."""
+    embed_dim: int = 96
+    depths: tuple = (2, 2, 6, 2)
+    num_heads: tuple = (3, 6, 12, 24)
+    window_size: int = 7
+    patch_size: int = 4
+    drop_path_rate: float = 0.2
+    fpn_channels: int = 256
+    dyhead_blocks: int = 6
+    gn_groups: int = 16
+    anchor_strides: tuple = (8, 16, 32, 64, 128)
+    anchor_scale: float = 8.0      # anchor side = scale * stride
+    text_model: str = "bert-base-uncased"  # local folder or HF-cache name (tokenizer + config)
+    text_hidden: int = 768
+    text_layers: int = 12
+    text_heads: int = 12
+    max_query_len: int = 256
+    num_cls_logits: int = 80       # unused head, kept so the O365 checkpoint loads strictly
+    atss_topk: int = 9
+    inference_th: float = 0.05
+    pre_nms_top_n: int = 1000
+    nms_th: float = 0.6
+    detections_per_img: int = 100
+    # tiny pre-training on the synthetic detection split (stand-in for O365)
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    batch_size: int = 16
+    epochs: int = 1
+    seed: int = 0
+
+    @classmethod
+    def tiny(cls) -> "GLIPConfig":
+        return cls(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, drop_path_rate=0.0,
+                   fpn_channels=64, dyhead_blocks=2, anchor_scale=4.0, text_model="", text_hidden=64,
+                   text_layers=4, text_heads=2, max_query_len=32, lr=1e-3, batch_size=32, epochs=10)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 3: prompt tuning (spec/DIFF_PROMPT_STAGES.md §3.4, §4; spec/GLIP_T_A.md §16)
+
+
+@dataclass
+class PromptConfig:
+    """Diff-Prompt tuning (and the baselines run in the same harness)."""
+    method: str = "diffprompt"     # diffprompt | vpt | textprompt | full | zeroshot
+    depth: int = 9
+    length: int = 8
+    visual: bool = True
+    textual: bool = True
+    generated: bool = True         # the L/2 mask-specific tokens
+    global_tokens: bool = True     # the L/2 learnable global tokens
+    ddim_steps: int = 25
+    eta: float = 0.0
+    sampling_schedule: str = "train"  # "train" (correct) or "squaredcos_cap_v2" (the authors' stage-3 sampler)
+    clip_input: str = "train"      # "train": RGB in [-1,1] as the DiT saw; "glip": GLIP's tensor (the authors)
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    epochs: int = 5
+    batch_size: int = 64           # effective batch
+    micro_batch: int = 16          # per step; gradient accumulation makes up the rest
+    amp: bool = True               # bf16 autocast on GPU
+    seed: int = 0
+
+    @classmethod
+    def tiny(cls) -> "PromptConfig":
+        return cls(depth=4, length=8, epochs=4, batch_size=32, micro_batch=32, lr=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation (spec/GLIP_T_A.md §14)
+
+
+@dataclass
+class EvalConfig:
+    """R@1 / R@5 / UB on the RefCOCO test splits."""
+    splits: tuple = ("val", "testA", "testB")
+    iou_threshold: float = 0.5
+    use_giou: bool = False         # the authors' evaluator counted GIoU >= 0.5
+    batch_size: int = 16
+    seed: int = 0                  # DDIM noise is seeded per sample from this: evaluation is reproducible
+    max_items: int = 0             # 0 = whole split
+
+    @classmethod
+    def tiny(cls) -> "EvalConfig":
+        return cls(batch_size=32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Preset:
+    """All stages' settings under one name."""
+    name: str
+    device: str = "auto"           # auto | cpu | cuda
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    glip: GLIPConfig = field(default_factory=GLIPConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def get_preset(name: str) -> Preset:
+    if name == "paper":
+        return Preset("paper")
+    if name == "tiny":
+        return Preset("tiny", "auto", DataConfig.tiny(), VAEConfig.tiny(), DiTConfig.tiny(), GLIPConfig.tiny(),
+                      PromptConfig.tiny(), EvalConfig.tiny())
+    raise ValueError(f"unknown preset {name!r}: choose 'tiny' or 'paper'")
+
+
+def _coerce(value: str, current):
+    if isinstance(current, bool):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true/false, got {value!r}")
+    if isinstance(current, tuple):
+        parts = [p for p in value.replace(",", " ").split() if p]
+        kind = type(current[0]) if current else str
+        return tuple(kind(p) for p in parts)
+    if current is None:
+        return value
+    return type(current)(value)
+
+
+def apply_overrides(configs: list, overrides: dict[str, str]) -> None:
+    """Set `--key value` pairs on the first of `configs` that has the field; unknown keys are an error."""
+    for key, value in overrides.items():
+        name = key.replace("-", "_")
+        target = next((c for c in configs if name in {f.name for f in dataclasses.fields(c)}), None)
+        if target is None:
+            known = sorted({f.name for c in configs for f in dataclasses.fields(c)})
+            raise SystemExit(f"unknown option --{key}; this command takes: " + ", ".join("--" + k for k in known))
+        try:
+            setattr(target, name, _coerce(value, getattr(target, name)))
+        except ValueError as e:
+            raise SystemExit(f"--{key}: {e}") from None
+
+
+def to_dict(preset: Preset) -> dict:
+    return dataclasses.asdict(preset)

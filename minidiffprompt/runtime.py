@@ -1,0 +1,49 @@
+"""Where and how training runs: device choice, seeding, mixed precision, progress bars, loader settings."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' → cuda when available, else cpu; asking for cuda without one is an error, not a silent fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on GPU (spec: the authors trained stage 3 with AMP); full fp32 on CPU."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def progress(iterable=None, **kwargs):
+    """tqdm progress bar; MDP_QUIET=1 silences it (tests, notebooks in CI)."""
+    kwargs.setdefault("disable", os.environ.get("MDP_QUIET") == "1")
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)
+
+
+def loader_kwargs(num_workers: int, device: torch.device) -> dict:
+    """DataLoader settings: worker processes, pinned memory on GPU, workers kept alive between epochs."""
+    kw = {"num_workers": num_workers, "pin_memory": device.type == "cuda"}
+    if num_workers > 0:
+        kw["persistent_workers"] = True
+    return kw
