@@ -1,0 +1,290 @@
+"""Swin Transformer (v1) backbone of GLIP-T(A), with Diff-Prompt's visual prompt slots.
+
+spec/GLIP_T_A.md §4 (architecture), §16.2 (prompts), §17 S1/S2/G9 (what not to copy, what to keep).
+
+    swin = SwinTransformer()                      # Swin-T: 96, (2,2,6,2), (3,6,12,24), window 7
+    c2, c3, c4, c5 = swin(images)                 # (B,96,56,56) (B,192,28,28) (B,384,14,14) (B,768,7,7) at 224
+    feats = swin(images, visual_prompts=[p0, ..., p8])   # p_g: (B, P, 96) joins every window of block g
+
+Parameter and buffer names follow the detection Swin of maskrcnn-benchmark, so `backbone.body.*` of the
+official GLIP checkpoint loads strictly (spec/keys/glip_a_tiny_o365.tsv).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------------------------
+# Windows: partition, merge, shift mask
+
+
+def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
+    """(B, Hp, Wp, C) -> (B*nW, ws*ws, C); windows batch-major, then row, then column (spec §4.3 step 4)."""
+    return rearrange(x, "b (nh wh) (nw ww) c -> (b nh nw) (wh ww) c", wh=ws, ww=ws)
+
+
+def window_merge(windows: torch.Tensor, ws: int, Hp: int, Wp: int) -> torch.Tensor:
+    """(B*nW, ws*ws, C) -> (B, Hp, Wp, C), the inverse of `window_partition`."""
+    return rearrange(windows, "(b nh nw) (wh ww) c -> b (nh wh) (nw ww) c", nh=Hp // ws, nw=Wp // ws, wh=ws)
+
+
+def shift_window_mask(Hp: int, Wp: int, ws: int, shift: int, device=None) -> torch.Tensor:
+    """Additive mask (nW, N, N) of a shifted block: 0 inside one region, -100 across regions (spec §4.4)."""
+    labels = torch.zeros(Hp, Wp, device=device)
+    cuts = lambda n: ((0, n - ws), (n - ws, n - shift), (n - shift, n))  # noqa: E731
+    region = 0
+    for r0, r1 in cuts(Hp):
+        for c0, c1 in cuts(Wp):
+            labels[r0:r1, c0:c1] = region
+            region += 1
+    windows = window_partition(labels[None, :, :, None], ws)[..., 0]  # (nW, N)
+    different = windows[:, None, :] != windows[:, :, None]            # (nW, N, N)
+    return torch.zeros_like(different, dtype=torch.float).masked_fill(different, -100.0)
+
+
+def relative_position_index(ws: int) -> torch.Tensor:
+    """(N, N) int64: table row of token pair p=(r1,c1), q=(r2,c2) is (r1-r2+ws-1)(2ws-1) + (c1-c2+ws-1)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)  # (2, N)
+    rel = coords[:, :, None] - coords[:, None, :] + (ws - 1)                                             # (2, N, N)
+    return rel[0] * (2 * ws - 1) + rel[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layers
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch of a sample with probability p, rescale the rest."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth as a module (identity in eval mode)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return drop_path(x, self.p, self.training)
+
+    def extra_repr(self):
+        return f"p={self.p:.3f}"
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU (erf) -> fc2."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch x patch conv to embed_dim, then LayerNorm on the tokens (spec §4.1)."""
+
+    def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x):
+        H, W = x.shape[-2:]
+        ps = self.patch_size
+        x = F.pad(x, (0, (-W) % ps, 0, (-H) % ps))  # zero pad right/bottom to a multiple of the patch
+        x = self.proj(x)                            # (B, C, H/ps, W/ps)
+        H, W = x.shape[-2:]
+        return self.norm(rearrange(x, "b c h w -> b (h w) c")), H, W
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbours concatenated in the order (even,even), (odd,even), (even,odd), (odd,odd) -> LN -> 4C->2C."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(4 * dim)
+
+    def forward(self, x, H: int, W: int):
+        return self.reduction(self.norm(merge_2x2(x, H, W)))
+
+
+def merge_2x2(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """(B, H*W, C) -> (B, ceil(H/2)*ceil(W/2), 4C), zero-padding odd sides, channels [x0, x1, x2, x3] (spec §4.5)."""
+    x = rearrange(x, "b (h w) c -> b h w c", h=H, w=W)
+    x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+    # channel block (q, p) holds x[:, p::2, q::2]: x0=[0::2,0::2], x1=[1::2,0::2], x2=[0::2,1::2], x3=[1::2,1::2]
+    # (timm/mmdet unfold in another order and would need the reduction weight permuted)
+    return rearrange(x, "b (h p) (w q) c -> b (h w) (q p c)", p=2, q=2)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside a window, with relative position bias and optional prompt tokens."""
+
+    def __init__(self, dim: int, window_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(window_size))  # persistent
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def attention_bias(self, num_prompts: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Additive term (nW or 1, heads, N+P, N+P): relative bias (+ shift mask), zeros on the prompt rows/cols."""
+        N = self.relative_position_index.shape[0]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = rearrange(bias, "(n m) h -> h n m", n=N)[None]  # (1, heads, N, N)
+        if mask is not None:
+            bias = bias + mask[:, None].to(bias.dtype)        # (nW, heads, N, N)
+        # the prompts sit AFTER the N window tokens, so the zeros go at the end (spec §16.2, not bug S2)
+        return F.pad(bias, (0, num_prompts, 0, num_prompts))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None):
+        """x (B*nW, N, C) windows, mask (nW, N, N) or None, prompts (B*nW, P, C) paired with the windows."""
+        N = x.shape[1]
+        P = 0 if prompts is None else prompts.shape[1]
+        if P:
+            x = torch.cat([x, prompts.to(x.dtype)], dim=1)  # (B*nW, N+P, C): prompts attend and are attended
+        bias = self.attention_bias(P, mask)                 # (nW or 1, heads, N+P, N+P)
+        nW = bias.shape[0]
+        q, k, v = rearrange(self.qkv(x), "(b w) n (three h d) -> three b (w h) n d", three=3, w=nW,
+                            h=self.num_heads)               # each (B, nW*heads, N+P, d)
+        bias = rearrange(bias, "w h n m -> (w h) n m").to(q.dtype)  # broadcast over the batch
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        out = rearrange(out, "b (w h) n d -> (b w) n (h d)", w=nW)
+        return self.proj(out[:, :N])                        # prompt outputs are dropped (spec §16.2 step 4)
+
+
+class SwinBlock(nn.Module):
+    """x + DropPath(W-MSA/SW-MSA(LN(x))), then x + DropPath(MLP(LN(x))) (spec §4.3)."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, shift: int, mlp_ratio: float = 4.0,
+                 drop_path: float = 0.0):
+        super().__init__()
+        self.window_size, self.shift = window_size, shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, window_size, num_heads)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, H: int, W: int, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, H*W, C); prompts (B, P, C) of each image, or None."""
+        B, _, C = x.shape
+        ws, s = self.window_size, self.shift
+        y = rearrange(self.norm1(x), "b (h w) c -> b h w c", h=H, w=W)
+        y = F.pad(y, (0, 0, 0, (-W) % ws, 0, (-H) % ws))  # pad AFTER norm1 (spec §4.3 step 2)
+        Hp, Wp = y.shape[1:3]
+        mask = None
+        if s > 0:  # kept even when the map is a single window (spec §17 G9)
+            y = torch.roll(y, shifts=(-s, -s), dims=(1, 2))
+            mask = shift_window_mask(Hp, Wp, ws, s, device=x.device)
+        windows = window_partition(y, ws)  # (B*nW, N, C)
+        if prompts is not None:
+            # windows are batch-major, so window k belongs to image k // nW (fixes bug S1 of spec §17)
+            prompts = repeat(prompts, "b p c -> (b w) p c", w=windows.shape[0] // B)
+        y = window_merge(self.attn(windows, mask, prompts), ws, Hp, Wp)  # (B, Hp, Wp, C)
+        if s > 0:
+            y = torch.roll(y, shifts=(s, s), dims=(1, 2))
+        y = rearrange(y[:, :H, :W], "b h w c -> b (h w) c")
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class SwinStage(nn.Module):
+    """`depth` blocks alternating shift 0 / window//2, then an optional PatchMerging (`downsample`)."""
+
+    def __init__(self, dim, depth, num_heads, window_size, mlp_ratio, drop_paths, downsample: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList([
+            SwinBlock(dim, num_heads, window_size, 0 if j % 2 == 0 else window_size // 2, mlp_ratio, drop_paths[j])
+            for j in range(depth)])
+        self.downsample = PatchMerging(dim) if downsample else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backbone
+
+
+class SwinTransformer(nn.Module):
+    """Swin v1 returning the four stage outputs [C2, C3, C4, C5] as (B, C, H, W) maps (spec §4.6)."""
+
+    def __init__(self, patch_size: int = 4, embed_dim: int = 96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+                 window_size: int = 7, mlp_ratio: float = 4.0, drop_path_rate: float = 0.2, out_norms: bool = True):
+        super().__init__()
+        self.embed_dim, self.depths = embed_dim, tuple(depths)
+        self.num_features = [embed_dim * 2 ** i for i in range(len(depths))]
+        self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # 0.2*g/11 for global block g
+        begin = [sum(depths[:i]) for i in range(len(depths))]
+        self.layers = nn.ModuleList([
+            SwinStage(self.num_features[i], depths[i], num_heads[i], window_size, mlp_ratio,
+                      dpr[begin[i]:begin[i] + depths[i]], downsample=i < len(depths) - 1)
+            for i in range(len(depths))])
+        # stage output norms: norm0 is Identity in the detection config (arch name ends in RETINANET, spec §1.1)
+        for i, c in enumerate(self.num_features):
+            setattr(self, f"norm{i}", nn.LayerNorm(c) if out_norms and i > 0 else nn.Identity())
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(self.depths)
+
+    def _prompt_for(self, visual_prompts, g: int, C: int, B: int):
+        """The prompt of global block g viewed at width C: (B, P*embed/C, C) (spec §16.2 step 1), or None."""
+        if visual_prompts is None or g >= len(visual_prompts) or visual_prompts[g] is None:
+            return None
+        p = visual_prompts[g]
+        if p.ndim != 3 or p.shape[0] != B:
+            raise ValueError(f"visual_prompts[{g}]: expected (B={B}, P, {self.embed_dim}), got {tuple(p.shape)}")
+        if p.shape[-1] == C:
+            return p
+        if p.shape[-1] != self.embed_dim or (p.shape[1] * p.shape[2]) % C:
+            raise ValueError(f"visual_prompts[{g}] has shape {tuple(p.shape)}: block {g} has width {C}; give "
+                             f"(B, P, {self.embed_dim}) prompts with P*{self.embed_dim} divisible by {C}, "
+                             f"or (B, P, {C}) prompts")
+        # token j at width C = concat of base tokens j*k .. j*k+k-1 (a plain view of the (B, P, embed) tensor)
+        return rearrange(p, "b (n k) c -> b n (k c)", k=C // self.embed_dim)
+
+    def forward(self, x: torch.Tensor, visual_prompts=None) -> list[torch.Tensor]:
+        """x (B, 3, H, W) normalised images; visual_prompts[g] (B, P, embed_dim) or None for global block g."""
+        if visual_prompts is not None and len(visual_prompts) > self.num_blocks:
+            raise ValueError(f"{len(visual_prompts)} visual prompts given, but the Swin has only "
+                             f"{self.num_blocks} blocks (one prompt per block at most)")
+        B = x.shape[0]
+        x, H, W = self.patch_embed(x)  # (B, H*W, C)
+        outs, g = [], 0
+        for i, stage in enumerate(self.layers):
+            C = self.num_features[i]
+            for block in stage.blocks:
+                x = block(x, H, W, self._prompt_for(visual_prompts, g, C, B))
+                g += 1
+            out = getattr(self, f"norm{i}")(x)
+            outs.append(rearrange(out, "b (h w) c -> b c h w", h=H, w=W))
+            if stage.downsample is not None:
+                x = stage.downsample(x, H, W)
+                H, W = (H + 1) // 2, (W + 1) // 2
+        return outs

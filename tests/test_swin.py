@@ -1,0 +1,196 @@
+"""Swin-T and FPN: window attention with prompts against a naive per-window loop, prompt/image pairing,
+patch-merging order, parameter counts, checkpoint keys and output shapes (spec/GLIP_T_A.md §4, §5, §15, §16.2)."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minidiffprompt.checkpoint import keys_from_tsv
+from minidiffprompt.fpn import FPN, DropBlock2D
+from minidiffprompt.swin import (PatchMerging, SwinBlock, SwinTransformer, merge_2x2, relative_position_index,
+                                 shift_window_mask)
+
+
+def spec_dir() -> Path | None:
+    for d in (Path(__file__).resolve().parents[2] / "shared" / "spec", os.environ.get("MDP_SPEC_DIR")):
+        if d and Path(d, "keys", "glip_a_tiny_o365.tsv").is_file():
+            return Path(d)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reference: one Swin block computed window by window, token by token, head by head
+
+
+def naive_block(block: SwinBlock, x, H, W, prompts=None):
+    """Swin block with a Python loop over images, windows and heads; prompts appended to each window's tokens."""
+    B, _, C = x.shape
+    ws, s, attn = block.window_size, block.shift, block.attn
+    heads = attn.num_heads
+    d = C // heads
+    Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
+    y = torch.zeros(B, Hp, Wp, C, dtype=x.dtype)
+    y[:, :H, :W] = block.norm1(x).reshape(B, H, W, C)  # zero padding after norm1
+    region = lambda i, n: 0 if i < n - ws else (1 if i < n - s else 2)  # noqa: E731  label on the rolled map
+    out = torch.zeros_like(y)
+    N = ws * ws
+    for b in range(B):
+        for wr in range(Hp // ws):
+            for wc in range(Wp // ws):
+                cells = [(wr * ws + r, wc * ws + c) for r in range(ws) for c in range(ws)]  # rolled-map coordinates
+                src = [((i + s) % Hp, (j + s) % Wp) for i, j in cells]                      # roll by -s
+                tokens = torch.stack([y[b, i, j] for i, j in src])
+                if prompts is not None:
+                    tokens = torch.cat([tokens, prompts[b]])  # prompts of THIS image, after the window tokens
+                n = tokens.shape[0]
+                qkv = tokens @ attn.qkv.weight.T + attn.qkv.bias
+                q, k, v = qkv[:, :C], qkv[:, C:2 * C], qkv[:, 2 * C:]
+                heads_out = []
+                for h in range(heads):
+                    sl = slice(h * d, (h + 1) * d)
+                    logits = (q[:, sl] * d ** -0.5) @ k[:, sl].T
+                    extra = torch.zeros(n, n, dtype=x.dtype)
+                    for p in range(N):
+                        for t in range(N):
+                            (r1, c1), (r2, c2) = divmod(p, ws), divmod(t, ws)
+                            extra[p, t] = attn.relative_position_bias_table[
+                                (r1 - r2 + ws - 1) * (2 * ws - 1) + (c1 - c2 + ws - 1), h]
+                            if s > 0:
+                                lp = (region(cells[p][0], Hp), region(cells[p][1], Wp))
+                                lt = (region(cells[t][0], Hp), region(cells[t][1], Wp))
+                                extra[p, t] += 0.0 if lp == lt else -100.0
+                    heads_out.append(torch.softmax(logits + extra, dim=-1) @ v[:, sl])
+                o = attn.proj(torch.cat(heads_out, dim=1))[:N]  # drop the prompt rows
+                for t, (i, j) in enumerate(src):
+                    out[b, i, j] = o[t]                         # back to the un-rolled position
+    x = x + out[:, :H, :W].reshape(B, H * W, C)
+    return x + block.mlp(block.norm2(x))
+
+
+@pytest.mark.parametrize("size,shift,num_prompts", [(8, 0, 0), (8, 2, 0), (6, 0, 3), (6, 2, 3), (8, 2, 4)])
+def test_block_matches_naive_window_loop(size, shift, num_prompts):
+    torch.manual_seed(0)
+    block = SwinBlock(dim=16, num_heads=2, window_size=4, shift=shift).double().eval()
+    with torch.no_grad():
+        block.attn.relative_position_bias_table.normal_()  # make the bias matter
+    x = torch.randn(2, size * size, 16, dtype=torch.double)
+    prompts = torch.randn(2, num_prompts, 16, dtype=torch.double) if num_prompts else None
+    with torch.no_grad():
+        got = block(x, size, size, prompts)
+        want = naive_block(block, x, size, size, prompts)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_prompts_land_only_in_their_own_image():
+    torch.manual_seed(0)
+    block = SwinBlock(dim=16, num_heads=2, window_size=4, shift=2).eval()
+    x = torch.randn(3, 64, 16)
+    prompts = torch.randn(3, 4, 16)
+    other = prompts.clone()
+    other[1] += 1.0
+    with torch.no_grad():
+        a, b = block(x, 8, 8, prompts), block(x, 8, 8, other)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+    assert (a[1] - b[1]).abs().min() > 0  # every token of image 1 sees its prompts
+    # and through the whole backbone (prompts viewed at wider stages)
+    swin = SwinTransformer(4, 32, (2, 2, 2, 2), (1, 2, 4, 8), 4, drop_path_rate=0.0).eval()
+    images = torch.randn(3, 3, 64, 64)
+    vp = [torch.randn(3, 8, 32) for _ in range(6)]
+    vp2 = [p.clone() for p in vp]
+    vp2[5][1] += 1.0  # a stage-2 block: 8 tokens of 32 -> 2 tokens of 128
+    with torch.no_grad():
+        a, b = swin(images, vp), swin(images, vp2)
+    for fa, fb in zip(a, b):
+        assert torch.equal(fa[0], fb[0]) and torch.equal(fa[2], fb[2])
+    assert not torch.equal(a[2][1], b[2][1])
+
+
+def test_prompt_is_a_plain_view_at_wider_stages():
+    swin = SwinTransformer(4, 32, (2, 2, 2, 2), (1, 2, 4, 8), 4)
+    p = torch.randn(2, 8, 32)
+    for C in (32, 64, 128, 256):
+        assert torch.equal(swin._prompt_for([p], 0, C, 2), p.view(2, 8 * 32 // C, C))
+    with pytest.raises(ValueError, match="visual_prompts"):
+        swin._prompt_for([torch.randn(2, 3, 32)], 0, 128, 2)  # 3*32 not divisible by 128
+    with pytest.raises(ValueError, match="only 8 blocks"):
+        swin(torch.randn(1, 3, 32, 32), [None] * 9)
+
+
+def test_patch_merging_order_on_a_hand_made_tensor():
+    # 2x2 map, one channel, value = 10*row + col
+    x = torch.tensor([[0.0, 1.0], [10.0, 11.0]]).view(1, 4, 1)
+    assert merge_2x2(x, 2, 2).flatten().tolist() == [0.0, 10.0, 1.0, 11.0]  # (e,e), (o,e), (e,o), (o,o)
+    # the module against the spec formula, with odd sides zero-padded
+    torch.manual_seed(0)
+    pm = PatchMerging(3)
+    H, W = 5, 6
+    x = torch.randn(2, H * W, 3)
+    m = F.pad(x.view(2, H, W, 3), (0, 0, 0, 0, 0, 1))
+    cat = torch.cat([m[:, 0::2, 0::2], m[:, 1::2, 0::2], m[:, 0::2, 1::2], m[:, 1::2, 1::2]], -1).view(2, -1, 12)
+    torch.testing.assert_close(pm(x, H, W), pm.reduction(pm.norm(cat)))
+    assert pm.reduction.bias is None
+
+
+def test_relative_position_index_and_shift_mask():
+    idx = relative_position_index(7)
+    assert idx.shape == (49, 49) and idx.dtype == torch.int64
+    assert idx[0, 48] == (0 - 6 + 6) * 13 + (0 - 6 + 6) and idx[48, 0] == 168 and idx[24, 24] == 84
+    # spec §17 G9: a 7x7 map with window 7 still gets a shift mask (3 row x 3 column regions)
+    m = shift_window_mask(7, 7, 7, 3)
+    assert m.shape == (1, 49, 49) and set(m.unique().tolist()) == {-100.0, 0.0}
+    assert m[0, 0, 4] == -100 and m[0, 0, 3] == 0 and m[0, 4, 48] == -100 and m[0, 48, 40] == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# paper-size Swin-T + FPN
+
+
+def test_swin_t_fpn_parameter_counts_and_checkpoint_keys():
+    swin, fpn = SwinTransformer(), FPN((192, 384, 768), 256)
+    assert sum(p.numel() for p in swin.parameters()) == 27_520_506  # spec §15.3
+    assert sum(p.numel() for p in fpn.parameters()) == 3_295_232
+    spec = spec_dir()
+    if spec is None:
+        pytest.skip("spec/keys/glip_a_tiny_o365.tsv not found (set MDP_SPEC_DIR)")
+    manifest = {k: v for k, v in keys_from_tsv(spec / "keys" / "glip_a_tiny_o365.tsv").items()
+                if k.startswith("backbone.")}
+    ours = {f"backbone.body.{k}": tuple(v.shape) for k, v in swin.state_dict().items()}
+    ours |= {f"backbone.fpn.{k}": tuple(v.shape) for k, v in fpn.state_dict().items()}
+    assert ours == manifest
+
+
+def test_swin_t_fpn_shapes_at_224_with_prompts():
+    torch.manual_seed(0)
+    swin, fpn = SwinTransformer().eval().requires_grad_(False), FPN().eval().requires_grad_(False)  # frozen
+    images = torch.randn(1, 3, 224, 224)
+    prompts = [torch.randn(1, 8, 96, requires_grad=True) for _ in range(9)]  # depth 9, length 8 (spec §16)
+    feats = swin(images, prompts)
+    assert [tuple(f.shape[1:]) for f in feats] == [(96, 56, 56), (192, 28, 28), (384, 14, 14), (768, 7, 7)]
+    levels = fpn(feats)
+    assert [tuple(p.shape[1:]) for p in levels] == [(256, 28, 28), (256, 14, 14), (256, 7, 7), (256, 4, 4),
+                                                    (256, 2, 2)]
+    sum(p.sum() for p in levels).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in prompts)
+
+
+def test_fpn_against_functional_computation_and_dropblock():
+    torch.manual_seed(0)
+    fpn = FPN((8, 16, 32), 8).eval()
+    c = [torch.randn(2, 4, 16, 16), torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4), torch.randn(2, 32, 2, 2)]
+    conv = lambda m, x: F.conv2d(x, m.weight, m.bias, stride=m.stride, padding=m.padding)  # noqa: E731
+    l5 = conv(fpn.fpn_inner4, c[3])
+    l4 = conv(fpn.fpn_inner3, c[2]) + l5.repeat_interleave(2, -1).repeat_interleave(2, -2)
+    l3 = conv(fpn.fpn_inner2, c[1]) + l4.repeat_interleave(2, -1).repeat_interleave(2, -2)
+    p5 = conv(fpn.fpn_layer4, l5)
+    p6 = conv(fpn.top_blocks.p6, p5)  # P6 from P5, P7 from ReLU(P6)
+    want = [conv(fpn.fpn_layer2, l3), conv(fpn.fpn_layer3, l4), p5, p6, conv(fpn.top_blocks.p7, p6.relu())]
+    for got, ref in zip(fpn(c), want):
+        torch.testing.assert_close(got, ref)
+    # DropBlock: identity in eval; in training zeros 3x3 blocks and keeps the total mass
+    db = DropBlock2D(0.3, 3)
+    x = torch.ones(2, 4, 12, 12)
+    assert torch.equal(db.eval()(x), x)
+    y = db.train()(x)
+    assert (y == 0).any() and torch.isclose(y.sum(), torch.tensor(x.numel(), dtype=y.dtype))
