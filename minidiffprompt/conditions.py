@@ -1,0 +1,144 @@
+"""Condition encoders of the DiT: an image and its caption → one image feature and one text feature, both
+`dim` wide (spec/DIFF_PROMPT_STAGES.md §2.4). Frozen; features computed once per batch under no_grad.
+
+    enc = build_condition_encoder(preset.dit)          # CLIP ViT-B/32 (paper) or the tiny encoder
+    img, txt = enc.encode(images01, captions)          # (B, dim), (B, dim)
+
+`images01` are RGB in [0, 1] (the dataset's tensors); captions are raw expressions, cleaned here with the
+authors' `pre_caption` (text.clean_caption).
+"""
+from __future__ import annotations
+
+import re
+import zlib
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .text import clean_caption
+
+
+class ConditionEncoder(nn.Module):
+    """Interface: `dim` and `encode(images01, captions) -> (image_features, text_features)`, frozen."""
+
+    dim: int
+
+    @torch.no_grad()
+    def encode(self, images01: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True):
+        return super().train(False)      # frozen: always in eval mode
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Paper: OpenAI CLIP ViT-B/32 through transformers
+
+
+class CLIPConditionEncoder(ConditionEncoder):
+    """CLIP ViT-B/32's unnormalised 512-d projected image and text embeddings (`encode_image` / `encode_text`)."""
+
+    def __init__(self, path: str = "openai/clip-vit-base-patch32", dtype: torch.dtype = torch.float32,
+                 image_size: int = 224, context_length: int = 77):
+        super().__init__()
+        from transformers import CLIPModel, CLIPTokenizer
+        try:
+            self.model = CLIPModel.from_pretrained(path, local_files_only=True, dtype=dtype)
+            self.tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - re-raised with what to do
+            raise FileNotFoundError(
+                f"CLIP model {path!r} not found locally (nothing is downloaded at run time). Put a transformers "
+                f"CLIP folder there, or fetch it once into the HF cache with `huggingface-cli download {path}`, "
+                f"or use the tiny preset (--condition tiny). ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            ) from None
+        self.model.requires_grad_(False).eval()
+        self.dim = self.model.config.projection_dim
+        self.image_size, self.context_length = image_size, context_length
+
+    @staticmethod
+    def _pooled(out) -> torch.Tensor:
+        # transformers 5.x returns BaseModelOutputWithPooling (projected vector in .pooler_output); 4.x a tensor
+        return out if torch.is_tensor(out) else out.pooler_output
+
+    @torch.no_grad()
+    def encode(self, images01, captions):
+        dtype = next(self.model.parameters()).dtype
+        device = next(self.model.parameters()).device
+        # what the authors' DiT saw: bilinear resize to 224² ignoring aspect, then (x - 0.5)/0.5 → [-1, 1];
+        # deliberately not CLIPImageProcessor (its crop and CLIP mean/std differ), spec §2.4
+        x = images01.to(device, torch.float32)
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        pixel_values = (x * 2 - 1).to(dtype)
+        img = self._pooled(self.model.get_image_features(pixel_values=pixel_values))   # (B, 512)
+        tokens = self.tokenizer([clean_caption(c) for c in captions], padding="max_length", truncation=True,
+                                max_length=self.context_length, return_tensors="pt")   # clip.tokenize: 77 tokens
+        txt = self._pooled(self.model.get_text_features(input_ids=tokens["input_ids"].to(device),
+                                                        attention_mask=tokens["attention_mask"].to(device)))
+        return img.float(), txt.float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiny: a frozen, seeded, download-free stand-in
+
+
+class TinyConditionEncoder(ConditionEncoder):
+    """Deterministic frozen features: a coarse colour grid of the image, hashed position-aware caption words.
+
+    Image: RGB in [-1, 1] average-pooled to grid×grid cells (where things are and what colour they are), then a
+    fixed random orthonormal map to `dim`, lossless whenever 3·grid² ≤ dim. Text: each word is hashed (crc32) into
+    one of `buckets` random unit vectors; the feature is Σ_i γ^i·e(w_i) (order-weighted bag: the head phrase
+    comes first in a referring expression) plus Σ_i e(w_i) ⊙ s_i with a random ±1 sign vector s_i per position
+    (which word stands where), divided by √n. Everything comes from `seed`, so the same words always give the
+    same feature and nothing needs a vocabulary or a download.
+    """
+
+    def __init__(self, dim: int = 128, grid: int = 6, buckets: int = 4096, max_words: int = 16,
+                 decay: float = 0.7, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.dim, self.grid, self.buckets, self.max_words, self.decay = dim, grid, buckets, max_words, decay
+        n_in = 3 * grid * grid
+        q, _ = torch.linalg.qr(torch.randn(max(n_in, dim), max(n_in, dim), generator=g, dtype=torch.float64))
+        self.register_buffer("image_proj", q[:n_in, :dim].float().contiguous(), persistent=False)    # (3g², dim)
+        words = torch.randn(buckets, dim, generator=g)
+        self.register_buffer("word_vectors", F.normalize(words, dim=1), persistent=False)           # (V, dim)
+        signs = torch.randint(0, 2, (max_words, dim), generator=g).float() * 2 - 1
+        self.register_buffer("position_signs", signs, persistent=False)                             # (P, dim)
+
+    def word_ids(self, caption: str) -> list[int]:
+        words = re.findall(r"[a-z0-9]+", clean_caption(caption))[: self.max_words]
+        return [zlib.crc32(w.encode()) % self.buckets for w in words]
+
+    @torch.no_grad()
+    def encode(self, images01, captions):
+        device = self.image_proj.device
+        x = images01.to(device, torch.float32) * 2 - 1
+        cells = F.adaptive_avg_pool2d(x, self.grid)                              # (B, 3, g, g)
+        img = rearrange(cells, "b c h w -> b (c h w)") @ self.image_proj         # (B, dim)
+        txt = torch.zeros(len(captions), self.dim, device=device)
+        for b, caption in enumerate(captions):
+            ids = self.word_ids(caption)
+            if not ids:
+                continue
+            e = self.word_vectors[torch.tensor(ids, device=device)]              # (n, dim)
+            n = len(ids)
+            weights = self.decay ** torch.arange(n, device=device, dtype=torch.float32)
+            txt[b] = (weights[:, None] * e).sum(0) + (e * self.position_signs[:n]).sum(0) / n ** 0.5
+        return img, txt
+
+
+def build_condition_encoder(cfg) -> ConditionEncoder:
+    """The encoder named by a `config.DiTConfig` (`condition`: "clip" or "tiny"); its `dim` must be cond_dim."""
+    if cfg.condition == "clip":
+        enc = CLIPConditionEncoder(cfg.clip_path)
+    elif cfg.condition == "tiny":
+        enc = TinyConditionEncoder(dim=cfg.cond_dim, seed=0)
+    else:
+        raise ValueError(f"unknown condition encoder {cfg.condition!r}: use 'clip' or 'tiny'")
+    if enc.dim != cfg.cond_dim:
+        raise ValueError(f"condition encoder {cfg.condition!r} gives {enc.dim}-d features but cond_dim is "
+                         f"{cfg.cond_dim}; set --cond_dim {enc.dim} (and --hidden_size {enc.dim})")
+    return enc.eval()

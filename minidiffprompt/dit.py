@@ -1,0 +1,306 @@
+"""The mask DiT of Diff-Prompt stage 2 ("DiT-My/2"): a diffusion transformer over VAE mask latents,
+conditioned on an image feature and a caption feature (spec/DIFF_PROMPT_STAGES.md §2).
+
+It is facebookresearch/DiT with the class embedder replaced by the condition
+    c = concat(image_feature + t_emb, text_feature + t_emb)        # (B, 2·hidden), spec §2.2 step 3
+that drives every adaLN-Zero modulation. Parameter names follow the authors' code, so their raw training
+checkpoint (`model` / `ema` entries) and the HF export load strictly (spec/keys/mask_dit.tsv):
+
+    dit = load_dit("0094200.pt", which="model")       # what stage 3 of the authors used
+    out = dit(x_t, t, image_features, text_features)  # (B, 8, 28, 28): ε̂ (4 channels) + variance values v (4)
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .checkpoint import CheckpointMismatch, load_strict, read_state_dict
+
+
+def modulate(x, shift, scale):
+    """adaLN: LN(x)·(1 + scale) + shift, with one (shift, scale) per sample broadcast over the tokens."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+#################################################################################
+#               Embedding Layers for Timesteps and Patches                      #
+#################################################################################
+
+class TimestepEmbedder(nn.Module):
+    """Embeds integer diffusion timesteps into vectors: 256-d sinusoid → Linear → SiLU → Linear."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size, bias=True), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size, bias=True))
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        """[cos(t·f_k), sin(t·f_k)], f_k = exp(-ln(max_period)·k/(dim/2)); cos first (spec §2.2 step 2)."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]                                 # (B, half)
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)      # (B, 2·half)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t):
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p×p patches of the latent → tokens (a strided conv, timm's PatchEmbed without norm)."""
+
+    def __init__(self, patch_size, in_chans, embed_dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x):
+        x = self.proj(x)                                # (B, D, H/p, W/p)
+        return rearrange(x, "b d h w -> b (h w) d")     # (B, N, D), row-major tokens
+
+
+#################################################################################
+#                                 Core DiT Model                                #
+#################################################################################
+
+class Attention(nn.Module):
+    """Multi-head self-attention (timm layout: one `qkv` Linear, `proj` out), via scaled_dot_product_attention."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        assert dim % num_heads == 0, f"hidden size {dim} must be divisible by num_heads {num_heads}"
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        x = F.scaled_dot_product_attention(q, k, v)     # softmax(q kᵀ/√d) v, (B, h, N, d)
+        return self.proj(rearrange(x, "b h n d -> b n (h d)"))
+
+
+class Mlp(nn.Module):
+    """Transformer MLP: fc1 → GELU (tanh approximation) → fc2 (timm Mlp, no dropout)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """A DiT block with adaptive layer norm zero (adaLN-Zero) conditioning."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, cond_size=None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        # the condition is 2·hidden wide (image half + text half), spec §2.1
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size or 2 * hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """The final layer of DiT: adaLN (shift, scale) then a Linear to p·p·out_channels per token."""
+
+    def __init__(self, hidden_size, patch_size, out_channels, cond_size=None):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size or 2 * hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Diffusion model with a Transformer backbone, conditioned on (image feature, caption feature)."""
+
+    def __init__(self, input_size=28, patch_size=2, in_channels=4, hidden_size=512, depth=12, num_heads=8,
+                 mlp_ratio=4.0, learn_sigma=True, cond_dim=512):
+        super().__init__()
+        if cond_dim != hidden_size:
+            # the features are *added* to the timestep embedding, so they must have its width (spec §2.2 step 3)
+            raise ValueError(f"DiT: cond_dim ({cond_dim}) must equal hidden_size ({hidden_size}) because the "
+                             "condition features are added to the timestep embedding; change one of them")
+        if input_size % patch_size:
+            raise ValueError(f"DiT: input_size {input_size} is not a multiple of patch_size {patch_size}")
+        self.learn_sigma = learn_sigma
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.input_size = input_size
+        self.num_heads = num_heads
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        num_patches = (input_size // patch_size) ** 2
+        # fixed sin-cos positions, stored (a frozen Parameter is part of the state dict, spec §2.2 step 1)
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """Xavier Linears, fixed sin-cos pos_embed, N(0, 0.02) timestep MLP, adaLN-Zero (spec §2.2 Initialisation)."""
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+        self.apply(_basic_init)
+
+        grid = self.input_size // self.patch_size
+        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid)
+        self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
+
+        # patch embedding initialised like a Linear over the flattened (c p q) patch
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+        # adaLN-Zero: every block starts as the identity, the output starts at zero
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def unpatchify(self, x):
+        """(B, N, p·p·C) tokens → (B, C, H, W) image; token (h, w) holds its patch as (p, q, c) (spec §2.2 step 6)."""
+        g = self.input_size // self.patch_size
+        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=g, w=g, p=self.patch_size, q=self.patch_size)
+
+    def forward(self, x, t, image_features, text_features):
+        """x: (B, C, H, W) noisy latent x_t, t: (B,) integer timesteps, features: (B, hidden) each."""
+        x = self.x_embedder(x) + self.pos_embed                   # (B, N, D)
+        t_emb = self.t_embedder(t)                                # (B, D)
+        c = torch.cat([image_features + t_emb, text_features + t_emb], dim=1).to(x.dtype)   # (B, 2D)
+        for block in self.blocks:
+            x = block(x, c)                                       # (B, N, D)
+        x = self.final_layer(x, c)                                # (B, N, p·p·out_channels)
+        return self.unpatchify(x)                                 # (B, out_channels, H, W)
+
+
+#################################################################################
+#                   Sine/Cosine Positional Embedding Functions                  #
+#################################################################################
+# MAE layout (https://github.com/facebookresearch/mae/blob/main/util/pos_embed.py): first half of the channels
+# encodes the column index, second half the row index; each half is [sin(pos·ω), cos(pos·ω)].
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size):
+    """(grid_size², embed_dim) float64 table for a square grid, tokens in row-major order."""
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.meshgrid(grid_w, grid_h)      # w goes first: grid[0] = column index, grid[1] = row index
+    grid = np.stack(grid, axis=0).reshape([2, 1, grid_size, grid_size])
+    return get_2d_sincos_pos_embed_from_grid(embed_dim, grid)
+
+
+def get_2d_sincos_pos_embed_from_grid(embed_dim, grid):
+    assert embed_dim % 2 == 0
+    emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[0])  # (H·W, D/2), column index
+    emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[1])  # (H·W, D/2), row index
+    return np.concatenate([emb_h, emb_w], axis=1)                       # (H·W, D)
+
+
+def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
+    """[sin(pos·ω_k), cos(pos·ω_k)] with ω_k = 10000^(-k/(D/2)), k = 0..D/2-1."""
+    assert embed_dim % 2 == 0
+    omega = np.arange(embed_dim // 2, dtype=np.float64)
+    omega /= embed_dim / 2.0
+    omega = 1.0 / 10000 ** omega                 # (D/2,)
+    pos = pos.reshape(-1)                        # (M,)
+    out = np.einsum("m,d->md", pos, omega)       # (M, D/2), outer product
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)   # (M, D)
+
+
+#################################################################################
+#                               DiT Configs and loading                         #
+#################################################################################
+
+def DiT_My_2(**kwargs):
+    """The authors' DiT-My/2: latent 4×28×28, patch 2, hidden 512, depth 12, 8 heads (77,158,944 parameters)."""
+    return DiT(depth=12, hidden_size=512, patch_size=2, num_heads=8, **kwargs)
+
+
+DiT_models = {"DiT-My/2": DiT_My_2}
+
+
+def dit_from_config(cfg) -> DiT:
+    """A DiT built from a `config.DiTConfig` (paper or tiny preset)."""
+    return DiT(input_size=cfg.input_size, patch_size=cfg.patch_size, in_channels=4, hidden_size=cfg.hidden_size,
+               depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, learn_sigma=cfg.learn_sigma,
+               cond_dim=cfg.cond_dim)
+
+
+def _read_raw_training_checkpoint(path: Path) -> dict:
+    """torch.load with weights_only=True; the authors' file also holds an argparse.Namespace (`args`), which is
+    allow-listed for this one call (a plain data container, no code runs)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        pass
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointMismatch(
+            f"{path}: could not be read with weights_only=True ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            "Expected the DiT training checkpoint (a dict with 'model', 'ema', 'opt', 'args') or an HF export "
+            "(model.safetensors / pytorch_model.bin). The file may be truncated: download it again.") from None
+
+
+def load_dit(path, which: str = "model", **arch) -> DiT:
+    """Build a DiT (DiT-My/2 unless `arch` says otherwise) and load weights strictly from a local path.
+
+    `path`: the raw training checkpoint (`.pt` dict with `model`/`ema`/`opt`/`args`; `which` picks the
+    `model` weights, which the authors' stage 3 used, or the `ema` weights, which their HF export holds), or
+    the HF export (folder, `.safetensors` or `.bin`; same key names, `which` is ignored), spec §2.3.
+    """
+    if which not in ("model", "ema"):
+        raise ValueError(f"load_dit: which must be 'model' or 'ema', got {which!r}")
+    path = Path(path)
+    source = str(path)
+    if path.is_dir() or path.suffix == ".safetensors":
+        state_dict = read_state_dict(path)
+    else:
+        obj = _read_raw_training_checkpoint(path)
+        if isinstance(obj, dict) and which in obj and isinstance(obj[which], dict):
+            state_dict, source = obj[which], f"{path} [{which}]"    # raw training checkpoint
+        elif isinstance(obj, dict) and all(torch.is_tensor(v) for v in obj.values()):
+            state_dict = obj                                        # plain state dict (pytorch_model.bin)
+        else:
+            have = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
+            raise CheckpointMismatch(f"{path}: no {which!r} entry and not a plain state dict (top level: {have}); "
+                                     "expected a DiT training checkpoint or an HF export")
+    arch = {**dict(depth=12, hidden_size=512, patch_size=2, num_heads=8), **arch}
+    model = DiT(**arch)
+    return load_strict(model, state_dict, source=source)

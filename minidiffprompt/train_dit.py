@@ -1,0 +1,295 @@
+"""Stage 2 training: the DiT learns to denoise mask latents given the image and the caption
+(spec/DIFF_PROMPT_STAGES.md §2.5, §3.1).
+
+    python -m minidiffprompt train-vae --preset tiny                 # stage 1 first: its VAE encodes the masks
+    python -m minidiffprompt train-dit --preset tiny                 # about two minutes on a laptop CPU
+    python -m minidiffprompt train-dit --preset paper --data data/refcoco/processed
+
+The authors' recipe: one sample per (object, expression); x_0 = a posterior sample of the frozen Mask-VAE
+(no scaling factor); CLIP image and text features under no_grad; t ~ U{0..99}; loss = ε-MSE + VB (linear
+schedule, T = 100); AdamW lr 1e-4 (constant), weight decay 0; EMA 0.9999; batch 128, 100 epochs.
+`cache_latents` encodes every mask (posterior mean and σ) and every condition feature once, then draws a
+fresh posterior sample per step, so epochs do not re-read images or re-run the encoders.
+
+Writes `OUT/dit/`: `checkpoint.pt` after every epoch (model, EMA, optimizer: resumable), then
+`model.safetensors` (the EMA weights), `config.json` and `metrics.json` (with the generation IoU on val).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from .checkpoint import load_training, save_training, save_weights
+from .conditions import ConditionEncoder, build_condition_encoder
+from .config import DiTConfig, Preset
+from .diffusion import GaussianDiffusion, get_betas
+from .dit import DiT, dit_from_config, load_dit
+from .runtime import pick_device, progress, seed_everything
+from .vae import MaskVAE, load_mask_vae
+
+EVAL_SEED = 0      # DDIM start noise of the generation evaluation: the reported IoU is repeatable
+
+
+def load_stage1_vae(out, device="cpu") -> MaskVAE:
+    """The frozen Mask-VAE of the run folder (`OUT/vae/`), or an error saying how to make it."""
+    folder = Path(out) / "vae"
+    if not (folder / "model.safetensors").exists() or not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder}: no trained Mask-VAE (model.safetensors + config.json). Stage 2 encodes "
+                                f"masks with the stage-1 VAE: run `python -m minidiffprompt train-vae --preset ... "
+                                f"--out {out}` first (same --out).")
+    return load_mask_vae(folder).to(device).eval().requires_grad_(False)
+
+
+def load_stage2(out, preset: Preset, device="cpu", which: str = "ema", sampling_schedule: str = "train"):
+    """(dit, vae, diffusion, encoder) of a finished run folder, ready to sample; `which` = "ema" (model.safetensors)
+    or "model" (the raw weights in checkpoint.pt). `sampling_schedule` "train" samples with the training schedule
+    (correct); "squaredcos_cap_v2" reproduces the authors' stage-3 sampler (spec §3.3)."""
+    cfg, folder = preset.dit, Path(out) / "dit"
+    arch = dict(input_size=cfg.input_size, patch_size=cfg.patch_size, hidden_size=cfg.hidden_size, depth=cfg.depth,
+                num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, learn_sigma=cfg.learn_sigma, cond_dim=cfg.cond_dim)
+    if which == "ema":
+        dit = load_dit(folder / "model.safetensors", **arch)
+    else:
+        dit = load_dit(folder / "checkpoint.pt", which="model", **arch)
+    dit = dit.to(device).eval().requires_grad_(False)
+    vae = load_stage1_vae(out, device)
+    schedule = cfg.noise_schedule if sampling_schedule == "train" else sampling_schedule
+    diffusion = GaussianDiffusion(get_betas(schedule, cfg.diffusion_steps))
+    return dit, vae, diffusion, build_condition_encoder(cfg).to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoding a split: masks → posterior (mean, σ), (image, caption) → condition features
+
+
+@torch.no_grad()
+def encode_split(root, split: str, preset: Preset, vae: MaskVAE, encoder: ConditionEncoder, device,
+                 max_items: int = 0) -> dict:
+    """Every (object, expression) of a split run once through the frozen encoders:
+    {"mean", "std": (N, 4, h, w), "image_features", "text_features": (N, D), "mask": (N, 1, M, M), "caption"}."""
+    from .data import RefExpDataset, collate
+    dataset = RefExpDataset(root, split, preset.data.image_size, mask_size=preset.data.mask_size)
+    if len(dataset) == 0:
+        raise SystemExit(f"{root}: the {split!r} split has no expressions; run data_prep.py first")
+    if max_items:
+        dataset = torch.utils.data.Subset(dataset, range(min(max_items, len(dataset))))
+    loader = DataLoader(dataset, batch_size=128, shuffle=False, collate_fn=collate)
+    parts = {"mean": [], "std": [], "image_features": [], "text_features": [], "mask": [], "caption": []}
+    for batch in progress(loader, desc=f"encode {split}", leave=False):
+        posterior = vae.encode(batch["mask"].to(device))                     # q(z | mask), spec §1.4
+        img, txt = encoder.encode(batch["image"].to(device), batch["caption"])
+        for key, value in (("mean", posterior.mean), ("std", posterior.std), ("image_features", img),
+                           ("text_features", txt), ("mask", batch["mask"])):
+            parts[key].append(value.float().cpu())
+        parts["caption"] += list(batch["caption"])
+    return {k: (v if k == "caption" else torch.cat(v)) for k, v in parts.items()}
+
+
+def _check_latent_size(vae: MaskVAE, preset: Preset):
+    side = preset.data.mask_size // vae.downsample_factor
+    if side != preset.dit.input_size:
+        raise SystemExit(f"train-dit: the VAE turns {preset.data.mask_size}² masks into {side}² latents but the "
+                         f"DiT expects input_size {preset.dit.input_size}; set --input_size {side}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation and its evaluation
+
+
+@torch.no_grad()
+def generate_latents(dit: DiT, diffusion: GaussianDiffusion, image_features, text_features, num_steps: int = 25,
+                     seed: int = EVAL_SEED, batch_size: int = 256, keep=None):
+    """DDIM samples (N, C, h, w) for the given features (noise from `seed`), plus the kept latents per batch."""
+    device = next(dit.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    C, s = dit.in_channels, dit.input_size
+    noise = torch.randn(len(image_features), C, s, s, generator=generator)
+    samples, kept = [], []
+    for i in range(0, len(noise), batch_size):
+        img = image_features[i:i + batch_size].to(device)
+        txt = text_features[i:i + batch_size].to(device)
+        model_fn = lambda x, t: dit(x, t, img, txt)   # noqa: E731 - the condition bound to the DiT
+        x0, k = diffusion.ddim_sample(model_fn, None, noise=noise[i:i + batch_size].to(device),
+                                      num_steps=num_steps, keep=keep)
+        samples.append(x0.cpu())
+        kept.append([z.cpu() for z in k])
+    kept = [torch.cat([b[j] for b in kept]) for j in range(len(kept[0]))] if kept and kept[0] else []
+    return torch.cat(samples), kept
+
+
+def mask_iou(pred, target, threshold: float = 0.5) -> torch.Tensor:
+    """Per-mask IoU of `pred > threshold` against `target > threshold`: (N,). Both empty → 1."""
+    p, g = (pred > threshold).flatten(1), (target > threshold).flatten(1)
+    inter, union = (p & g).sum(1).float(), (p | g).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+@torch.no_grad()
+def evaluate_generation(dit: DiT, vae: MaskVAE, diffusion: GaussianDiffusion, encoded: dict, num_steps: int = 25,
+                        seed: int = EVAL_SEED, threshold: float = 0.5) -> dict:
+    """Mean IoU of DDIM-generated masks (VAE-decoded, thresholded) against the ground truth, with the right
+    conditions and with shuffled ones (each sample gets another sample's image + caption features, same noise).
+    Shuffled is the floor: what the DiT gets from mask statistics alone, without knowing which object is meant."""
+    n = len(encoded["mask"])
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
+    order = torch.empty_like(perm)
+    order[perm] = torch.roll(perm, 1)          # one cycle through all items: nobody keeps its own condition
+    device = next(vae.parameters()).device
+    result = {}
+    for name, idx in (("iou", torch.arange(n)), ("iou_shuffled", order)):
+        z, _ = generate_latents(dit, diffusion, encoded["image_features"][idx], encoded["text_features"][idx],
+                                num_steps, seed)
+        masks = torch.cat([vae.decode(z[i:i + 256].to(device)).cpu() for i in range(0, n, 256)])   # (N, 1, M, M)
+        result[name] = mask_iou(masks, encoded["mask"], threshold).mean().item()
+    result["items"] = n
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def run_config(preset: Preset) -> dict:
+    """What must match for a stored run to count as this run."""
+    return json.loads(json.dumps({"image_size": preset.data.image_size, "mask_size": preset.data.mask_size,
+                                  "dit": dataclasses.asdict(preset.dit)}))
+
+
+def _same_but_epochs(a: dict, b: dict) -> bool:
+    strip = lambda c: {**c, "dit": {k: v for k, v in c["dit"].items() if k != "epochs"}}  # noqa: E731
+    return strip(a) == strip(b)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def update_ema(ema: DiT, model: DiT, decay: float):
+    """θ_ema ← decay·θ_ema + (1 - decay)·θ after every optimiser step (DiT train.py)."""
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+def _batches(train: dict | None, data, preset: Preset, vae, encoder, device, generator):
+    """Yields (x0, image_features, text_features): from the cache, or encoded on the fly."""
+    cfg = preset.dit
+    if train is not None:
+        loader = DataLoader(TensorDataset(train["mean"], train["std"], train["image_features"],
+                                          train["text_features"]), batch_size=cfg.batch_size, shuffle=True,
+                            generator=generator, drop_last=len(train["mean"]) > cfg.batch_size)
+        for mean, std, img, txt in loader:
+            eps = torch.randn(mean.shape, generator=generator)
+            yield (mean + std * eps).to(device), img.to(device), txt.to(device)   # x0 ~ q(z | mask), fresh each step
+        return
+    from .data import RefExpDataset, collate
+    dataset = RefExpDataset(data, "train", preset.data.image_size, mask_size=preset.data.mask_size)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator, drop_last=True,
+                        collate_fn=collate, num_workers=preset.data.num_workers)
+    with torch.no_grad():
+        for batch in loader:
+            x0 = vae.encode(batch["mask"].to(device)).sample()
+            img, txt = encoder.encode(batch["image"].to(device), batch["caption"])
+            yield x0, img, txt
+
+
+def main(preset: Preset, data, out, resume: bool = True) -> dict:
+    """Train (or resume, or reuse) the DiT prompt generator of `preset`; returns the final metrics."""
+    cfg: DiTConfig = preset.dit
+    stage = Path(out) / "dit"
+    wanted = run_config(preset)
+    final = [stage / n for n in ("model.safetensors", "config.json", "metrics.json")]
+    if resume and all(p.exists() for p in final):
+        if json.loads((stage / "config.json").read_text()).get("train") == wanted:
+            return json.loads((stage / "metrics.json").read_text())
+
+    device = pick_device(getattr(preset, "device", "auto"))
+    vae = load_stage1_vae(out, device)
+    _check_latent_size(vae, preset)
+    generator = seed_everything(cfg.seed)
+    encoder = build_condition_encoder(cfg).to(device)
+    dit = dit_from_config(cfg).to(device)
+    ema = copy.deepcopy(dit).requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in dit.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    diffusion = GaussianDiffusion(get_betas(cfg.noise_schedule, cfg.diffusion_steps))
+    start, history, elapsed, steps = 0, [], 0.0, 0
+
+    state = load_training(stage / "checkpoint.pt") if resume else None
+    if state is not None and _same_but_epochs(state["config"], wanted) and state["epoch"] <= cfg.epochs:
+        dit.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["opt"])
+        generator.set_state(state["shuffle_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        start, history, elapsed, steps = state["epoch"], state["history"], state["seconds"], state["steps"]
+        print(f"train-dit: resuming {stage / 'checkpoint.pt'} after epoch {start}")
+    elif state is not None:
+        print(f"train-dit: {stage / 'checkpoint.pt'} was written with another configuration; starting afresh")
+
+    t0 = time.perf_counter()
+    train = encode_split(data, "train", preset, vae, encoder, device) if cfg.cache_latents else None
+    val = encode_split(data, "val", preset, vae, encoder, device, max_items=cfg.eval_items)
+    elapsed += time.perf_counter() - t0
+    n_params = sum(p.numel() for p in dit.parameters())
+    if start == 0:
+        n_train = len(train["mean"]) if train is not None else "?"
+        print(f"train-dit: {n_params:,} parameters, {n_train} train pairs, latents {dit.in_channels}×"
+              f"{cfg.input_size}², {cfg.noise_schedule} schedule T={cfg.diffusion_steps}, {cfg.epochs} epochs "
+              f"on {device}")
+
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        dit.train()
+        totals, n = {"loss": 0.0, "mse": 0.0, "vb": 0.0}, 0
+        bar = progress(_batches(train, data, preset, vae, encoder, device, generator), leave=False,
+                       desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        for x0, img, txt in bar:
+            t = torch.randint(0, diffusion.num_timesteps, (len(x0),), device=device)   # uniform t (spec §2.5)
+            losses = diffusion.training_losses(lambda x, tt: dit(x, tt, img, txt), x0, t)
+            loss = losses["loss"].mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            update_ema(ema, dit, cfg.ema_decay)
+            steps += 1
+            for key in totals:
+                totals[key] += losses[key].detach().sum().item()
+            n += len(x0)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        stats = {k: v / max(n, 1) for k, v in totals.items()}
+        elapsed += time.perf_counter() - t0
+        stats.update(epoch=epoch + 1, steps=steps, seconds=round(elapsed, 2))
+        history.append(stats)
+        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {stats['loss']:.4f}  mse {stats['mse']:.4f}  "
+              f"vb {stats['vb']:.4f}  {elapsed:.0f}s")
+        save_training(stage / "checkpoint.pt", model=dit.state_dict(), ema=ema.state_dict(),
+                      opt=optimizer.state_dict(), shuffle_rng=generator.get_state(),
+                      torch_rng=torch.get_rng_state(), epoch=epoch + 1, steps=steps, history=history,
+                      seconds=elapsed, config=wanted)
+
+    if not history:
+        raise SystemExit(f"train-dit: nothing to train (epochs={cfg.epochs}); set --epochs to at least 1")
+    ema.eval()
+    gen = evaluate_generation(ema, vae, diffusion, val, num_steps=cfg.ddim_steps)
+    print(f"train-dit: val mask IoU of generated masks {gen['iou']:.3f} (shuffled conditions "
+          f"{gen['iou_shuffled']:.3f}, {gen['items']} items, DDIM {cfg.ddim_steps})")
+    metrics = {"val_iou": gen["iou"], "val_iou_shuffled": gen["iou_shuffled"], "val_items": gen["items"],
+               "loss": history[-1]["loss"], "epochs": len(history), "steps": steps, "parameters": n_params,
+               "train_seconds": round(elapsed, 2), "history": history}
+    save_weights(ema.state_dict(), stage / "model.safetensors")           # EMA weights, like the HF export
+    _write_json(stage / "metrics.json", metrics)
+    arch = dict(input_size=cfg.input_size, patch_size=cfg.patch_size, in_channels=dit.in_channels,
+                hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+                learn_sigma=cfg.learn_sigma, cond_dim=cfg.cond_dim)
+    _write_json(stage / "config.json", {"model_type": "mask_dit", **arch, "train": wanted})   # last: stage done
+    return metrics

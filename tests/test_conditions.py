@@ -1,0 +1,96 @@
+"""Condition encoders: the CLIP path against transformers' own modules run step by step (a tiny random CLIP
+saved to disk, loaded offline), and the tiny encoder's promises (deterministic, keeps layout and word order)."""
+import json
+
+import pytest
+import torch
+
+from minidiffprompt.conditions import CLIPConditionEncoder, TinyConditionEncoder, build_condition_encoder
+from minidiffprompt.config import DiTConfig
+
+
+def _byte_chars():
+    """GPT-2/CLIP's bytes_to_unicode: one printable character per byte value."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def _tiny_clip_folder(path):
+    """A random CLIP (vision 32², patch 8, width 32; text width 32; projection 16) and a byte-level BPE
+    tokenizer with no merges, written the way from_pretrained expects them."""
+    transformers = pytest.importorskip("transformers")
+    chars = _byte_chars()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tok = transformers.CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
+    tok.save_pretrained(path)
+    eot = vocab["<|endoftext|>"]
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, eos_token_id=eot,
+                         bos_token_id=eot - 1, pad_token_id=eot),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4),
+        projection_dim=16)
+    torch.manual_seed(0)
+    transformers.CLIPModel(config).eval().save_pretrained(path)
+    return transformers.CLIPModel.from_pretrained(path).eval(), tok
+
+
+def test_clip_encoder_matches_transformers_step_by_step(tmp_path):
+    model, tok = _tiny_clip_folder(tmp_path / "clip")
+    enc = CLIPConditionEncoder(str(tmp_path / "clip"), image_size=32)
+    assert enc.dim == 16
+    images = torch.rand(2, 3, 32, 32)
+    captions = ["The small RED circle.", "the square on the left"]
+    img, txt = enc.encode(images, captions)
+    with torch.no_grad():
+        # encode_image: CLS after post-LN, projected, not normalised; the input is RGB in [-1, 1] (spec §2.4)
+        ref_img = model.visual_projection(model.vision_model(pixel_values=images * 2 - 1).pooler_output)
+        ids = tok(["the small red circle", "the square on the left"], padding="max_length", max_length=77,
+                  truncation=True, return_tensors="pt")["input_ids"]
+        assert ids.shape == (2, 77)
+        hidden = model.text_model(input_ids=ids).last_hidden_state               # (B, 77, 32)
+        eot = (ids == tok.convert_tokens_to_ids("<|endoftext|>")).int().argmax(1)  # first EOT: clip.tokenize argmax
+        ref_txt = model.text_projection(hidden[torch.arange(2), eot])
+    assert torch.allclose(img, ref_img, atol=1e-5)
+    assert torch.allclose(txt, ref_txt, atol=1e-5)
+    # larger images are resized to the encoder's size, not cropped
+    big, _ = enc.encode(torch.nn.functional.interpolate(images, size=64, mode="nearest"), captions)
+    assert big.shape == (2, 16)
+
+
+def test_clip_encoder_missing_folder_says_what_to_do(tmp_path):
+    pytest.importorskip("transformers")
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        CLIPConditionEncoder(str(tmp_path / "no-such-clip"))
+
+
+def test_tiny_encoder_deterministic_and_informative():
+    cfg = DiTConfig.tiny()
+    a, b = build_condition_encoder(cfg), build_condition_encoder(cfg)
+    images = torch.rand(3, 3, 96, 96)
+    caps = ["the red circle left of the blue square", "the blue square left of the red circle", "the red circle"]
+    ia, ta = a.encode(images, caps)
+    ib, tb = b.encode(images, caps)
+    assert ia.shape == ta.shape == (3, cfg.cond_dim)
+    assert torch.equal(ia, ib) and torch.equal(ta, tb)                          # seeded, frozen
+    assert not torch.allclose(ta[0], ta[1], atol=1e-3)                          # word order matters
+    assert torch.allclose(a.encode(images, ["The Red Circle."])[1][0], ta[2])   # cleaned like the authors
+    # the image feature is an isometry of the colour grid: moving an object changes it by the grid distance
+    moved = images.clone()
+    moved[0, :, :16, :16] = 1.0
+    im, _ = a.encode(moved, caps)
+    cells = lambda x: torch.nn.functional.adaptive_avg_pool2d(x * 2 - 1, a.grid).flatten(1)  # noqa: E731
+    assert torch.allclose((im[0] - ia[0]).norm(), (cells(moved)[0] - cells(images)[0]).norm(), rtol=1e-4)
+    assert isinstance(a, TinyConditionEncoder) and not any(p.requires_grad for p in a.parameters())

@@ -1,0 +1,145 @@
+"""DiT: key manifest and parameter count of DiT-My/2, strict loading of both checkpoint kinds, and each piece
+against a naive reference (positions, timestep embedding, attention, a whole block)."""
+import argparse
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minidiffprompt.checkpoint import CheckpointMismatch, keys_from_tsv, save_weights
+from minidiffprompt.dit import DiT, DiT_My_2, TimestepEmbedder, load_dit
+
+KEYS = Path(__file__).resolve().parent / "fixtures" / "mask_dit.tsv"     # copy of spec/keys/mask_dit.tsv
+
+TINY = dict(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=4, cond_dim=32)
+
+
+def _randomize(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def paper_dit():
+    return DiT_My_2()
+
+
+def test_paper_parameter_count(paper_dit):
+    total = sum(p.numel() for p in paper_dit.parameters())
+    trainable = sum(p.numel() for p in paper_dit.parameters() if p.requires_grad)
+    assert total == 77_158_944                    # spec §2.3, including the stored pos_embed
+    assert trainable == 77_058_592
+    assert paper_dit.pos_embed.numel() == 100_352 and not paper_dit.pos_embed.requires_grad
+
+
+def test_state_dict_from_key_manifest_loads_strictly(paper_dit):
+    shapes = keys_from_tsv(KEYS)
+    assert len(shapes) == 131
+    sd = paper_dit.state_dict()
+    assert {k: tuple(v.shape) for k, v in sd.items()} == shapes
+    fake = {k: torch.full(s, 0.5) for k, s in shapes.items()}
+    paper_dit.load_state_dict(fake, strict=True)
+    assert torch.all(paper_dit.blocks[11].attn.qkv.weight == 0.5)
+
+
+def test_pos_embed_mae_layout():
+    # spec §2.2 step 1: channels [0, D/2) encode the column, [D/2, D) the row; each half [sin, cos]
+    m = DiT(**{**TINY, "hidden_size": 16, "cond_dim": 16})
+    pe, g, D = m.pos_embed[0], 4, 16
+    for idx in range(g * g):
+        row, col = divmod(idx, g)
+        for half, pos in ((0, col), (1, row)):
+            for k in range(D // 4):
+                w = 1.0 / 10000 ** (k / (D // 4))
+                assert math.isclose(pe[idx, half * D // 2 + k].item(), math.sin(pos * w), abs_tol=1e-6)
+                assert math.isclose(pe[idx, half * D // 2 + D // 4 + k].item(), math.cos(pos * w), abs_tol=1e-6)
+
+
+def test_timestep_embedding_cos_first():
+    t = torch.tensor([0, 7, 99])
+    emb = TimestepEmbedder.timestep_embedding(t, 256)
+    f = torch.exp(-math.log(10000) * torch.arange(128) / 128)
+    assert torch.allclose(emb[:, :128], torch.cos(t[:, None] * f), atol=1e-5)
+    assert torch.allclose(emb[:, 128:], torch.sin(t[:, None] * f), atol=1e-5)
+
+
+def test_attention_matches_naive_softmax():
+    m = _randomize(DiT(**TINY))
+    attn, x = m.blocks[0].attn, torch.randn(2, 16, 32)
+    q, k, v = attn.qkv(x).reshape(2, 16, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    ref = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), -1) @ v        # (B, h, N, d)
+    ref = attn.proj(ref.transpose(1, 2).reshape(2, 16, 32))
+    assert torch.allclose(attn(x), ref, atol=1e-5)
+
+
+def test_forward_matches_reference_computation():
+    """The whole forward written out with plain torch ops (no einops), spec §2.2 steps 1-6."""
+    m = _randomize(DiT(**TINY)).eval()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 60])
+    img, txt = torch.randn(2, 32), torch.randn(2, 32)
+    sd = m.state_dict()
+    h = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=2).flatten(2).transpose(1, 2)
+    h = h + sd["pos_embed"]
+    f = torch.exp(-math.log(10000) * torch.arange(128) / 128)
+    temb = torch.cat([torch.cos(t[:, None] * f), torch.sin(t[:, None] * f)], 1)
+    temb = F.linear(F.silu(F.linear(temb, sd["t_embedder.mlp.0.weight"], sd["t_embedder.mlp.0.bias"])),
+                    sd["t_embedder.mlp.2.weight"], sd["t_embedder.mlp.2.bias"])
+    c = torch.cat([img + temb, txt + temb], 1)
+    ln = lambda z: F.layer_norm(z, (32,), eps=1e-6)   # noqa: E731
+    for i in range(2):
+        p = f"blocks.{i}."
+        mod = F.linear(F.silu(c), sd[p + "adaLN_modulation.1.weight"], sd[p + "adaLN_modulation.1.bias"])
+        s1, sc1, g1, s2, sc2, g2 = mod.split(32, 1)
+        a = ln(h) * (1 + sc1[:, None]) + s1[:, None]
+        qkv = F.linear(a, sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"]).reshape(2, 16, 3, 4, 8)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        o = (torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), -1) @ v).transpose(1, 2).reshape(2, 16, 32)
+        h = h + g1[:, None] * F.linear(o, sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
+        a = ln(h) * (1 + sc2[:, None]) + s2[:, None]
+        a = F.gelu(F.linear(a, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"]), approximate="tanh")
+        h = h + g2[:, None] * F.linear(a, sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
+    mod = F.linear(F.silu(c), sd["final_layer.adaLN_modulation.1.weight"], sd["final_layer.adaLN_modulation.1.bias"])
+    shift, scale = mod.split(32, 1)
+    h = F.linear(ln(h) * (1 + scale[:, None]) + shift[:, None], sd["final_layer.linear.weight"],
+                 sd["final_layer.linear.bias"])                                 # (B, 16, 2·2·8)
+    ref = h.reshape(2, 4, 4, 2, 2, 8).permute(0, 5, 1, 3, 2, 4).reshape(2, 8, 8, 8)   # (h w p q c) → c (h p)(w q)
+    out = m(x, t, img, txt)
+    assert out.shape == (2, 8, 8, 8)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_adaln_zero_init_outputs_zero():
+    m = DiT(**TINY)
+    out = m(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.randn(2, 32), torch.randn(2, 32))
+    assert torch.count_nonzero(out) == 0
+
+
+def test_load_raw_checkpoint_and_hf_export(tmp_path):
+    model, ema = _randomize(DiT(**TINY), 1), _randomize(DiT(**TINY), 2)
+    raw = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": {"state": {}, "param_groups": []},
+           "args": argparse.Namespace(model="DiT-My/2", epochs=100)}
+    torch.save(raw, tmp_path / "0094200.pt")
+    x, t, f = torch.randn(1, 4, 8, 8), torch.tensor([5]), torch.randn(1, 32)
+    for which, ref in (("model", model), ("ema", ema)):
+        loaded = load_dit(tmp_path / "0094200.pt", which=which, **TINY)
+        assert torch.equal(loaded(x, t, f, f), ref(x, t, f, f))
+    save_weights(ema.state_dict(), tmp_path / "hf" / "model.safetensors")
+    torch.save(ema.state_dict(), tmp_path / "pytorch_model.bin")
+    for path in (tmp_path / "hf", tmp_path / "hf" / "model.safetensors", tmp_path / "pytorch_model.bin"):
+        assert torch.equal(load_dit(path, **TINY)(x, t, f, f), ema(x, t, f, f))
+
+
+def test_truncated_checkpoint_names_missing_keys(tmp_path):
+    sd = _randomize(DiT(**TINY)).state_dict()
+    del sd["blocks.1.mlp.fc2.bias"]
+    save_weights(sd, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointMismatch, match="blocks.1.mlp.fc2.bias"):
+        load_dit(tmp_path / "model.safetensors", **TINY)
+    with pytest.raises(CheckpointMismatch, match="mis-shaped"):
+        load_dit(tmp_path / "model.safetensors", **{**TINY, "hidden_size": 64, "cond_dim": 64})
