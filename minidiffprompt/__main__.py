@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<preset>, demo: runs/demo)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--no-resume", action="store_true", help="start the stage afresh")
+    parser.add_argument("--batch", type=int, default=None, help="bench: items per measured step")
+    parser.add_argument("--compile", action="store_true", help="bench: also measure torch.compile")
     args, rest = parser.parse_known_args(argv)
 
     module_name, sections, _ = COMMANDS[args.command]
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None):
     data = args.data or Path(preset.data.root)
     out = args.out or Path("runs") / ("demo" if args.command == "demo" else preset.name)
     module = importlib.import_module(f"minidiffprompt.{module_name}")
+    if args.command == "bench":
+        return module.main(preset, data, out, resume=False, batch=args.batch, compile=args.compile or None)
     return module.main(preset, data, out, resume=not args.no_resume)
 
 

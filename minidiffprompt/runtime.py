@@ -13,11 +13,19 @@ from tqdm.auto import tqdm
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' → cuda when available, else cpu; asking for cuda without one is an error, not a silent fallback."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        enable_tf32()
     return device
+
+
+def enable_tf32() -> None:
+    """TF32 matmuls and convolutions on Ampere+ GPUs: ~2x faster fp32 work at 10-bit mantissa precision."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def seed_everything(seed: int) -> torch.Generator:
