@@ -1,0 +1,169 @@
+"""Referring-expression evaluation: R@1 / R@5 / UB on val, testA, testB for every trained stage-3 method.
+
+    python -m minidiffprompt evaluate --preset tiny --out runs/tiny            # every RUN/prompts/* + zero-shot
+    python -m minidiffprompt evaluate --preset tiny --use_giou true            # the authors' hit criterion (S12)
+
+For each expression GLIP returns at most 100 boxes sorted by the phrase score (spec/GLIP_T_A.md §14); they are
+rescaled to the original image (W/S, H/S per axis) and compared with the ground-truth box: R@1 uses the top
+box, R@5 the top five, UB any kept box; a hit is IoU >= 0.5 (GIoU with --use_giou true). Diff-Prompt's DDIM
+noise is drawn per sample from (seed, dataset index), so the same seed gives the same numbers (the authors drew
+fresh noise at test time, spec S9). Output: RUN/eval/results.{json,md} and RUN/eval/qualitative.png.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from .config import Preset
+from .metrics import evaluate_boxes, results_table_markdown, write_results
+from .runtime import autocast, pick_device, progress
+
+SEED_STRIDE = 1_000_003  # sample seed = eval seed * stride + dataset index: distinct for every (seed, index)
+
+
+def sample_seeds(indices, seed: int) -> list[int]:
+    return [seed * SEED_STRIDE + int(i) for i in indices]
+
+
+@torch.no_grad()
+def predict(glip, prompter, dataset, preset: Preset, device, batch_size: int | None = None,
+            desc: str = "") -> list[dict]:
+    """GLIP's ranked boxes for every item: [{"boxes": (K,4) S-frame xyxy, "scores": (K,)}] in dataset order."""
+    from .data import collate
+    device = torch.device(device)
+    loader = DataLoader(dataset, batch_size=batch_size or preset.eval.batch_size, shuffle=False,
+                        collate_fn=collate)
+    was_training = [m.training for m in (glip, prompter) if m is not None]
+    glip.eval()
+    if prompter is not None:
+        prompter.eval()
+    out = []
+    for batch in progress(loader, desc=desc, leave=False):
+        images = batch["image"].to(device)
+        seeds = sample_seeds(batch["index"], preset.eval.seed)
+        with autocast(device, preset.prompt.amp):
+            visual, textual = prompter(images, batch["caption"], seeds) if prompter is not None else (None, None)
+            preds = glip(images, batch["caption"], visual_prompts=visual, textual_prompts=textual,
+                         spans=batch["spans"])
+        out += [{"boxes": p["boxes"].float().cpu(), "scores": p["scores"].float().cpu(),
+                 "gt": torch.as_tensor(gt, dtype=torch.float32), "size": tuple(size)}
+                for p, gt, size in zip(preds, batch["box_orig"], batch["size"])]
+    for m, mode in zip([m for m in (glip, prompter) if m is not None], was_training):
+        m.train(mode)
+    return out
+
+
+def to_original(boxes: torch.Tensor, size, image_size: int) -> torch.Tensor:
+    """S-frame xyxy → original pixels, (W/S, H/S) per axis, no ±1 correction (spec/GLIP_T_A.md §14)."""
+    w, h = size
+    return boxes * torch.tensor([w / image_size, h / image_size, w / image_size, h / image_size])
+
+
+def score_predictions(preds: list[dict], preset: Preset) -> dict:
+    """{"R@1", "R@5", "UB", "n"} in percent, in original pixels (predictions carry their GT box and image size)."""
+    boxes = [to_original(p["boxes"], p["size"], preset.data.image_size) for p in preds]
+    gt = torch.stack([p["gt"] for p in preds]) if preds else torch.zeros(0, 4)
+    return evaluate_boxes(boxes, gt, thr=preset.eval.iou_threshold, use_giou=preset.eval.use_giou)
+
+
+def split_dataset(data: Path, split: str, preset: Preset, max_items: int = 0):
+    from .data import RefExpDataset
+    dataset = RefExpDataset(data, split, preset.data.image_size)
+    if max_items and max_items < len(dataset):
+        dataset = Subset(dataset, range(max_items))
+    return dataset
+
+
+def evaluate_split(glip, prompter, data: Path, split: str, preset: Preset, device, max_items: int = 0) -> dict:
+    """Metrics of one (GLIP, prompt module) pair on one split."""
+    dataset = split_dataset(data, split, preset, max_items)
+    return score_predictions(predict(glip, prompter, dataset, preset, device, desc=split), preset)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def trained_methods(out: Path) -> list[Path]:
+    """Finished stage-3 run folders under RUN/prompts (config.json written at the end of training)."""
+    root = Path(out) / "prompts"
+    return sorted(p for p in root.glob("*") if (p / "config.json").exists()) if root.exists() else []
+
+
+def qualitative_figure(samples: dict, dataset, preset: Preset, path: Path, n: int = 6) -> Path:
+    """One panel per expression: the image, the ground-truth box (dashed) and each method's top box."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    n = min(n, len(dataset))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.6), squeeze=False)
+    for j, ax in enumerate(axes[0]):
+        item = dataset[j]
+        ax.imshow(item["image"].permute(1, 2, 0).numpy())
+        x1, y1, x2, y2 = item["box"].tolist()
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ls="--", lw=2, ec="lime"))
+        for c, (method, preds) in enumerate(samples.items()):
+            if len(preds[j]["boxes"]):
+                x1, y1, x2, y2 = preds[j]["boxes"][0].tolist()
+                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.5, ec=colors[c % len(colors)],
+                                       label=method))
+        ax.set_title(item["caption"][:32], fontsize=8)
+        ax.axis("off")
+    handles = [Rectangle((0, 0), 1, 1, fill=False, ec="lime", ls="--", label="ground truth")]
+    handles += [Rectangle((0, 0), 1, 1, fill=False, ec=colors[c % len(colors)], label=m) for c, m in enumerate(samples)]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
+    """Evaluate zero-shot GLIP and every finished method in RUN/prompts; returns {method: {split: metrics}}."""
+    from .train_prompts import load_glip, load_trained
+    from .prompting import freeze
+    device = pick_device(getattr(preset, "device", "auto"))
+    ev = preset.eval
+    eval_dir = Path(out) / "eval"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"eval": dataclasses.asdict(ev), "image_size": preset.data.image_size, "amp": preset.prompt.amp}
+    datasets = {s: split_dataset(data, s, preset, ev.max_items) for s in ev.splits}
+    runs = [("zeroshot", None)] + [(p.name, p) for p in trained_methods(out) if p.name != "zeroshot"]
+    results, samples = {}, {}
+    for name, folder in runs:
+        cache = eval_dir / f"{name}.json"
+        stamp = {**settings, "run": json.loads((folder / "config.json").read_text()) if folder else None,
+                 "weights_mtime": (folder / "model.safetensors").stat().st_mtime
+                 if folder and (folder / "model.safetensors").exists() else None}
+        if resume and cache.exists() and json.loads(cache.read_text()).get("stamp") == stamp:
+            cached = json.loads(cache.read_text())
+            results[name] = cached["results"]
+            samples[name] = [{"boxes": torch.tensor(b).reshape(-1, 4)} for b in cached["samples"]]
+            continue
+        if folder is None:
+            glip, prompter = freeze(load_glip(preset, out)), None
+        else:
+            glip, prompter = load_trained(preset, out, folder)
+        glip.to(device)
+        if prompter is not None:
+            prompter.to(device)
+        results[name] = {}
+        for split, dataset in datasets.items():
+            preds = predict(glip, prompter, dataset, preset, device, desc=f"{name} {split}")
+            results[name][split] = score_predictions(preds, preset)
+            if split == ev.splits[0]:
+                samples[name] = preds[:6]
+        print(f"[evaluate] {name}: " + ", ".join(f"{s} R@1 {r['R@1']:.1f}" for s, r in results[name].items()),
+              flush=True)
+        cache.write_text(json.dumps({"stamp": stamp, "results": results[name],
+                                     "samples": [p["boxes"][:1].tolist() for p in samples[name]]}))
+    write_results(results, eval_dir)
+    qualitative_figure(samples, datasets[ev.splits[0]], preset, eval_dir / "qualitative.png")
+    print(results_table_markdown(results), flush=True)
+    return results

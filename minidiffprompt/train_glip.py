@@ -1,0 +1,215 @@
+"""Tiny GLIP pre-training on the synthetic detection split, then zero-shot evaluation of the frozen detector.
+
+    python -m minidiffprompt train-glip --preset tiny                  # → runs/tiny/glip/
+    python -m minidiffprompt train-glip --preset tiny --epochs 20 --anchor_scale 3
+
+The stand-in for GLIP's Objects365 pre-training: every image is paired with a class-name prompt
+("star. circle. square. ...", all categories, in a random order per sample so that no name is tied to a token
+position) and all its boxes, and the whole detector trains with GLIP's own grounding loss (spec/GLIP_T_A.md §12).
+A few detection images are held out. Afterwards the model is frozen and evaluated zero-shot:
+  detection  R@1 when the prompt names a category that occurs exactly once in a held-out image;
+  referring  R@1 / R@5 / UB on the synthetic RefCOCO splits (caption = the expression, score = mean probability
+             of its noun-phrase tokens, spec §14), which stage 3 then improves with prompts.
+Output: RUN/glip/{checkpoint.pt (resumable), model.safetensors, config.json, vocab.txt, metrics.json}.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_training, save_training, save_weights
+from .config import Preset
+from .data import DetectionDataset, RefExpDataset, collate
+from .glip import GLIP, count_parameters
+from .metrics import evaluate_boxes, recall_at_k
+from .runtime import pick_device, progress, seed_everything
+
+
+def class_prompt(names: list[str]) -> tuple[str, dict]:
+    """"a. b. c." and the character span of each name in it (GLIP's detection prompt)."""
+    caption, spans = "", {}
+    for name in names:
+        spans[name] = [len(caption), len(caption) + len(name)]
+        caption += name + ". "
+    return caption.rstrip(), spans
+
+
+def inclusive_boxes(boxes: torch.Tensor, pixel: float) -> torch.Tensor:
+    """Continuous xyxy (x2 = x + w) → GLIP's training convention x2 = x + w − 1 pixel (spec §11, G4)."""
+    return boxes - boxes.new_tensor([0, 0, pixel, pixel])
+
+
+def load_detection(data: Path, image_size: int):
+    """All detection images in memory: (images (N,3,S,S), per image (boxes (G,4), category names), names)."""
+    ds = DetectionDataset(data, image_size)
+    items = [ds[i] for i in progress(range(len(ds)), desc="load detection images", leave=False)]
+    images = torch.stack([it["image"] for it in items])
+    targets = [(inclusive_boxes(it["boxes"], image_size / ds.images[i]["width"]), it["categories"])
+               for i, it in enumerate(items)]
+    return images, targets, ds.categories
+
+
+def make_targets(targets, categories, rng: random.Random, shuffle: bool = True):
+    """A class prompt per image (random name order) and the GLIP targets pointing at each box's name."""
+    captions, out = [], []
+    for boxes, cats in targets:
+        names = list(categories)
+        if shuffle:
+            rng.shuffle(names)
+        caption, spans = class_prompt(names)
+        captions.append(caption)
+        out.append({"boxes": boxes, "spans": [[spans[c]] for c in cats]})
+    return captions, out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Zero-shot evaluation
+
+
+@torch.no_grad()
+def detection_recall(model: GLIP, images: torch.Tensor, targets, categories, device, batch_size: int = 64) -> dict:
+    """R@1 (IoU ≥ 0.5) when the prompt names a category that occurs exactly once in the image."""
+    model.eval()
+    caption, spans = class_prompt(list(categories))
+    queries = [(i, boxes[j], c) for i, (boxes, cats) in enumerate(targets) for j, c in enumerate(cats)
+               if cats.count(c) == 1]
+    preds, gts = [], []
+    for k in range(0, len(queries), batch_size):
+        q = queries[k:k + batch_size]
+        dets = model(images[[i for i, _, _ in q]].to(device), [caption] * len(q),
+                     spans=[[spans[c]] for _, _, c in q])
+        preds += [d["boxes"].cpu() for d in dets]
+        gts += [g for _, g, _ in q]
+    if not gts:
+        return {"R@1": 0.0, "n": 0}
+    return {"R@1": 100.0 * recall_at_k(preds, torch.stack(gts), k=1), "n": len(gts)}
+
+
+@torch.no_grad()
+def referring_zero_shot(model: GLIP, data: Path, image_size: int, device, splits=("val", "testA", "testB"),
+                        batch_size: int = 64, max_items: int = 0) -> dict:
+    """R@1 / R@5 / UB in percent per referring split (boxes in the S×S frame, IoU ≥ 0.5)."""
+    model.eval()
+    results = {}
+    for split in splits:
+        ds = RefExpDataset(data, split, image_size)
+        n = len(ds) if not max_items else min(max_items, len(ds))
+        preds, gts = [], []
+        for k in range(0, n, batch_size):
+            batch = collate([ds[i] for i in range(k, min(k + batch_size, n))])
+            dets = model(batch["image"].to(device), batch["caption"], spans=batch["spans"])
+            preds += [d["boxes"].cpu() for d in dets]
+            gts.append(batch["box"])
+        results[split] = evaluate_boxes(preds, torch.cat(gts))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def _run_config(preset: Preset, data: Path) -> dict:
+    cfg = dataclasses.asdict(preset.glip)
+    cfg["text_vocab"] = ""  # the run folder carries its own vocab.txt
+    config = {"glip": cfg, "image_size": preset.data.image_size, "data": str(Path(data).name)}
+    return json.loads(json.dumps(config))  # tuples → lists: compares equal to the stored config.json
+
+
+def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
+    cfg, data, folder = preset.glip, Path(data), Path(out) / "glip"
+    config = _run_config(preset, data)
+    done = folder / "metrics.json"
+    if resume and done.exists() and (folder / "model.safetensors").exists() and (folder / "config.json").exists():
+        if json.loads((folder / "config.json").read_text()) == config:
+            return json.loads(done.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    device = pick_device(getattr(preset, "device", "auto"))
+    seed_everything(cfg.seed)
+    S = preset.data.image_size
+    vocab = data / "vocab.txt"
+    model = GLIP(dataclasses.replace(cfg, text_vocab=""), vocab_file=vocab).to(device)
+
+    images, targets, categories = load_detection(data, S)
+    n_hold = max(1, int(len(images) * cfg.holdout_fraction))       # held-out detection images
+    train_idx, hold_idx = list(range(len(images) - n_hold)), list(range(len(images) - n_hold, len(images)))
+    steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    # the predictors on top of the tower (boxes, centerness, token projection/bias, logit scale) start tiny and
+    # must reach large outputs (deltas are ×(10,10,5,5)): in a short run from scratch they get a larger step
+    pred = [p for n, p in model.named_parameters()
+            if n.startswith("rpn.head.") and not n.startswith(("rpn.head.dyhead_tower", "rpn.head.cls_logits"))]
+    ids = {id(p) for p in pred}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    opt = torch.optim.AdamW([{"params": rest}, {"params": pred, "lr": cfg.lr * cfg.head_lr_mult}], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    warmup = min(cfg.warmup_steps, max(total // 5, 1))
+    # linear warm-up, then cosine decay to 10 %
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
+        0.1 + 0.45 * (1 + math.cos(math.pi * min(s, total) / total))))
+    start, history, elapsed = 0, [], 0.0
+    state = load_training(folder / "checkpoint.pt") if resume else None
+    if state is not None and state.get("config") == config:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start, history, elapsed = state["epoch"], state["history"], state["elapsed"]
+    rng = random.Random(cfg.seed)
+    for epoch in range(start, cfg.epochs):
+        t0 = time.time()
+        model.train()
+        rng.seed(cfg.seed * 1000 + epoch)  # the epoch's order and prompts do not depend on resuming
+        order = train_idx[:]
+        rng.shuffle(order)
+        sums, bar = {}, progress(range(steps_per_epoch), desc=f"glip epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        for step in bar:
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            captions, tg = make_targets([targets[i] for i in idx], categories, rng, cfg.shuffle_prompt)
+            tg = [{"boxes": t["boxes"].to(device), "spans": t["spans"]} for t in tg]
+            losses = model(images[idx].to(device), captions, targets=tg)
+            loss = sum(losses.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        elapsed += time.time() - t0
+        record = {"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()}, "time_s": elapsed}
+        history.append(record)
+        print(f"glip epoch {epoch + 1}/{cfg.epochs}: " + " ".join(f"{k} {v:.4f}" for k, v in record.items()
+                                                                   if k.startswith("loss")) + f" ({elapsed:.0f} s)")
+        save_training(folder / "checkpoint.pt", model=model.state_dict(), opt=opt.state_dict(),
+                      sched=sched.state_dict(), epoch=epoch + 1, history=history, elapsed=elapsed, config=config)
+
+    # zero-shot evaluation of the frozen model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    t0 = time.time()
+    det = detection_recall(model, images[hold_idx], [targets[i] for i in hold_idx], categories, device)
+    ref = referring_zero_shot(model, data, S, device, max_items=cfg.eval_max_items)
+    metrics = {"detection_R@1": det["R@1"], "detection_queries": det["n"], "zero_shot": ref,
+               "train_time_s": round(elapsed, 1), "eval_time_s": round(time.time() - t0, 1),
+               "parameters": count_parameters(model), "history": history}
+    print(f"glip: detection R@1 {det['R@1']:.1f} ({det['n']} held-out queries); zero-shot referring R@1 "
+          + ", ".join(f"{s} {r['R@1']:.1f}" for s, r in ref.items()))
+    save_weights(model.state_dict(), folder / "model.safetensors")
+    shutil.copyfile(vocab, folder / "vocab.txt")
+    _write_json(folder / "config.json", config)
+    _write_json(folder / "metrics.json", metrics)   # written last: its presence marks the stage complete
+    return metrics
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)

@@ -1,0 +1,109 @@
+"""Stage-3 training: a paper-size Diff-Prompt step back-propagates GLIP's grounding loss into the adapters only;
+the harness trains, resumes and evaluates reproducibly on a tiny synthetic set."""
+import dataclasses
+import time
+
+import pytest
+import torch
+
+from minidiffprompt.conditions import TinyConditionEncoder
+from minidiffprompt.config import GLIPConfig, PromptConfig
+from minidiffprompt.diffusion import GaussianDiffusion, get_betas
+from minidiffprompt.dit import DiT
+from minidiffprompt.glip import GLIP
+from minidiffprompt.prompting import DiffPromptGenerator, count_trainable
+from minidiffprompt.train_prompts import prompt_loss
+from minidiffprompt.vae import MaskVAE
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "red", "small", "circle", "leftmost", "blue",
+         "square", "big", "star", "of", "left"]
+
+
+@pytest.mark.slow
+def test_paper_size_step_updates_only_the_adapters(tmp_path):
+    """GLIP-T(A), DiT-My/2 and the Mask-VAE at paper size with random weights, batch 2 at 224², on CPU."""
+    torch.manual_seed(0)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(WORDS) + "\n")
+    # BERT-base-sized text encoder; only its vocabulary is small (no download in tests)
+    glip = GLIP(dataclasses.replace(GLIPConfig(), text_model="", text_vocab=str(vocab)))
+    cfg = PromptConfig()                                  # depth 9, length 8, 25 DDIM steps
+    gen = DiffPromptGenerator(MaskVAE(), DiT(), GaussianDiffusion(get_betas("squaredcos_cap_v2", 100)),
+                              TinyConditionEncoder(dim=512), cfg, vision_dim=96, text_dim=768, mask_size=224)
+    for p in glip.parameters():
+        p.requires_grad_(False)
+    glip.train()                                          # frozen parts fall back to eval mode (spec §16.4)
+    gen.train()
+    assert count_trainable(gen) == 21_907_072 and count_trainable(glip) == 0
+    assert not glip.backbone.body.training and not gen.dit.training
+    captions = ["the small red circle", "the leftmost blue square"]
+    batch = {"image": torch.rand(2, 3, 224, 224), "caption": captions, "spans": [[[4, 20]], [[13, 24]]],
+             "box": torch.tensor([[20.0, 30.0, 90.0, 100.0], [120.0, 40.0, 200.0, 150.0]]),
+             "size": [(640, 480), (500, 375)]}
+    t0 = time.time()
+    loss, parts = prompt_loss(glip, gen, batch, torch.device("cpu"))
+    loss.backward()
+    print(f"paper-size stage-3 step: {time.time() - t0:.1f}s, losses {parts}")
+    assert set(parts) == {"loss_token", "loss_reg", "loss_centerness"} and torch.isfinite(loss)
+    trainable = {n: p for n, p in gen.named_parameters() if p.requires_grad}
+    assert all(p.grad is not None for p in trainable.values()), [n for n, p in trainable.items() if p.grad is None]
+    # the generated tokens and the global tokens of every layer receive gradient
+    assert gen.dit2vision.model[0].weight.grad.abs().sum() > 0 and gen.dit2language.model[11].weight.grad.abs().sum() > 0
+    assert all(gen.dit2vision.global_prompt[d].prompt.grad.abs().sum() > 0 for d in range(9))
+    assert all(gen.dit2language.global_prompt[d].prompt.grad.abs().sum() > 0 for d in range(9))
+    frozen = [(n, p) for m in (glip, gen.dit, gen.vae) for n, p in m.named_parameters()]
+    assert frozen and all(p.grad is None for _, p in frozen)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The harness on a few synthetic images, with random stage-1/2 models and a random tiny GLIP
+
+
+def make_run(tmp_path):
+    """A run folder with randomly initialised vae/, dit/ and glip/ stages, and a small synthetic data root."""
+    import json
+    import shutil
+    from minidiffprompt.checkpoint import save_weights
+    from minidiffprompt.config import get_preset
+    from minidiffprompt.dit import dit_from_config
+    from minidiffprompt.synthetic import ensure_synthetic
+    from minidiffprompt.vae import diffusers_config
+    from minidiffprompt.train_vae import build_vae
+    data = ensure_synthetic(tmp_path / "synth", images=30, log=lambda *a: None)
+    preset = get_preset("tiny")
+    out = tmp_path / "run"
+    torch.manual_seed(0)
+    vae = build_vae(preset.vae)
+    save_weights(vae.state_dict(), out / "vae" / "model.safetensors")
+    (out / "vae" / "config.json").write_text(json.dumps(diffusers_config(vae)))
+    dit = dit_from_config(preset.dit)
+    for p in dit.parameters():   # adaLN-Zero would make ε̂ = 0: perturb so the masks depend on the condition
+        torch.nn.init.normal_(p, std=0.02)
+    save_weights(dit.state_dict(), out / "dit" / "model.safetensors")
+    glip = GLIP(dataclasses.replace(preset.glip, text_vocab=str(data / "vocab.txt")))
+    save_weights(glip.state_dict(), out / "glip" / "model.safetensors")
+    (out / "glip" / "config.json").write_text(json.dumps({"glip": dataclasses.asdict(preset.glip)}))
+    shutil.copyfile(data / "vocab.txt", out / "glip" / "vocab.txt")
+    preset.prompt = dataclasses.replace(preset.prompt, epochs=1, max_steps=2, batch_size=8, micro_batch=4)
+    preset.eval = dataclasses.replace(preset.eval, batch_size=8, max_items=6)
+    return preset, data, out
+
+
+def test_tiny_harness_trains_resumes_and_evaluates_reproducibly(tmp_path, monkeypatch):
+    from minidiffprompt import evaluate, train_prompts
+    monkeypatch.setenv("MDP_QUIET", "1")
+    preset, data, out = make_run(tmp_path)
+    metrics = train_prompts.main(preset, data, out)
+    folder = out / "prompts" / "diffprompt"
+    assert len(metrics["step_losses"]) == 2 and all(l == l for l in metrics["step_losses"])   # finite
+    assert metrics["trainable_parameters"] == count_trainable(train_prompts.build_prompter(preset, out))
+    assert all((folder / f).exists() for f in ("checkpoint.pt", "model.safetensors", "config.json", "metrics.json"))
+    assert train_prompts.main(preset, data, out) == metrics                       # finished: reused, not retrained
+    preset.prompt.method = "vpt"
+    vpt = train_prompts.main(preset, data, out)
+    assert vpt["trainable_parameters"] == preset.prompt.depth * preset.prompt.length * preset.glip.embed_dim
+    first = evaluate.main(preset, data, out, resume=False)
+    second = evaluate.main(preset, data, out, resume=False)
+    assert set(first) == {"zeroshot", "diffprompt", "vpt"} and set(first["diffprompt"]) == {"val", "testA", "testB"}
+    assert first == second                                                        # same seed, same numbers
+    assert (out / "eval" / "results.md").exists() and (out / "eval" / "qualitative.png").exists()
