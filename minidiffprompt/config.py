@@ -45,10 +45,11 @@ class VAEConfig:
     epochs: int = 200
     kl_weight: float = 3.7732e-4
     seed: int = 1265
+    cache_masks: bool = False   # rasterise every mask once and keep them in memory (small data sets)
 
     @classmethod
     def tiny(cls) -> "VAEConfig":
-        return cls(batch_size=32, epochs=6)
+        return cls(batch_size=16, epochs=3, cache_masks=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -75,13 +76,17 @@ class DiTConfig:
     batch_size: int = 128
     epochs: int = 100
     ema_decay: float = 0.9999
-    cache_latents: bool = False
+    cache_latents: bool = False    # encode masks (posterior mean, σ) and condition features once per run
+    posterior_sample: bool = True  # x_0 ~ q(z | mask) as the authors; False: x_0 = its mean (noisy tiny VAEs)
+    ddim_steps: int = 25           # generation check after training (training schedule, η = 0)
+    eval_items: int = 1000         # val pairs in that check (0 = all)
     seed: int = 0
 
     @classmethod
     def tiny(cls) -> "DiTConfig":
         return cls(input_size=8, hidden_size=128, depth=4, num_heads=4, condition="tiny", cond_dim=128,
-                   batch_size=64, epochs=20, lr=1e-3, ema_decay=0.99, cache_latents=True)
+                   batch_size=64, epochs=20, lr=1e-3, ema_decay=0.99, cache_latents=True,
+                   posterior_sample=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,6 +103,7 @@ class GLIPConfig:
     patch_size: int = 4
     drop_path_rate: float = 0.2
     fpn_channels: int = 256
+    fpn_drop_block: float = 0.3    # FPN DropBlock prob in training mode (spec §5; off when frozen)
     dyhead_blocks: int = 6
     gn_groups: int = 16
     anchor_strides: tuple = (8, 16, 32, 64, 128)
@@ -106,6 +112,7 @@ class GLIPConfig:
     text_hidden: int = 768
     text_layers: int = 12
     text_heads: int = 12
+    text_vocab: str = ""           # vocab.txt of the small BERT built when text_model is "" (tiny: the data root's)
     max_query_len: int = 256
     num_cls_logits: int = 80       # unused head, kept so the O365 checkpoint loads strictly
     atss_topk: int = 9
@@ -118,13 +125,20 @@ class GLIPConfig:
     weight_decay: float = 0.05
     batch_size: int = 16
     epochs: int = 1
+    warmup_steps: int = 20
+    grad_clip: float = 1.0         # full-model L2 norm (spec §1.3)
+    head_lr_mult: float = 1.0      # lr factor of the head's predictors (box deltas ×(10,10,5,5), logit scale)
+    shuffle_prompt: bool = True    # class names in a random order per sample (no name tied to a position)
+    holdout_fraction: float = 0.1  # detection images kept out of pre-training for the detection R@1
+    eval_max_items: int = 0        # zero-shot referring evaluation: expressions per split (0 = all)
     seed: int = 0
 
     @classmethod
     def tiny(cls) -> "GLIPConfig":
         return cls(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, drop_path_rate=0.0,
-                   fpn_channels=64, dyhead_blocks=2, anchor_scale=4.0, text_model="", text_hidden=64,
-                   text_layers=4, text_heads=2, max_query_len=32, lr=1e-3, batch_size=32, epochs=10)
+                   fpn_channels=32, fpn_drop_block=0.0, dyhead_blocks=1, anchor_scale=2.0, text_model="",
+                   text_hidden=64, text_layers=4, text_heads=2, max_query_len=32, lr=2e-3, head_lr_mult=10.0,
+                   shuffle_prompt=False, batch_size=16, epochs=4, eval_max_items=200)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,10 +167,17 @@ class PromptConfig:
     micro_batch: int = 16          # per step; gradient accumulation makes up the rest
     amp: bool = True               # bf16 autocast on GPU
     seed: int = 0
+    max_steps: int = 0             # optimiser steps per epoch at most (0 = the whole train split)
+    val_items: int = 0             # per-epoch val R@1 on the first N val items (0 = no per-epoch check)
+    tag: str = ""                  # run folder prompts/<method>[-<tag>], e.g. for ablations
+    glip_weights: str = ""         # "" = RUN/glip; paper: the official glip_a_tiny_o365.pth
+    vae_weights: str = ""          # "" = RUN/vae; paper: the released Mask-VAE folder
+    dit_weights: str = ""          # "" = RUN/dit; paper: the released DiT checkpoint
 
     @classmethod
     def tiny(cls) -> "PromptConfig":
-        return cls(depth=4, length=8, epochs=4, batch_size=32, micro_batch=32, lr=1e-3)
+        # CPU budget: a fixed number of steps; 10 DDIM steps (stride 10) still keep 4 latents (layers 0-3)
+        return cls(depth=4, length=8, ddim_steps=10, epochs=1, max_steps=60, batch_size=16, micro_batch=16, lr=3e-3)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,7 +196,7 @@ class EvalConfig:
 
     @classmethod
     def tiny(cls) -> "EvalConfig":
-        return cls(batch_size=32)
+        return cls(batch_size=32, max_items=300)   # the first 300 expressions of each split
 
 
 # ----------------------------------------------------------------------------------------------------------------

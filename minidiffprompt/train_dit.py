@@ -188,6 +188,9 @@ def _batches(train: dict | None, data, preset: Preset, vae, encoder, device, gen
                                           train["text_features"]), batch_size=cfg.batch_size, shuffle=True,
                             generator=generator, drop_last=len(train["mean"]) > cfg.batch_size)
         for mean, std, img, txt in loader:
+            if not cfg.posterior_sample:     # the posterior mean: the tiny VAE's σ is larger than its signal
+                yield mean.to(device), img.to(device), txt.to(device)
+                continue
             eps = torch.randn(mean.shape, generator=generator)
             yield (mean + std * eps).to(device), img.to(device), txt.to(device)   # x0 ~ q(z | mask), fresh each step
         return
@@ -197,7 +200,8 @@ def _batches(train: dict | None, data, preset: Preset, vae, encoder, device, gen
                         collate_fn=collate, num_workers=preset.data.num_workers)
     with torch.no_grad():
         for batch in loader:
-            x0 = vae.encode(batch["mask"].to(device)).sample()
+            posterior = vae.encode(batch["mask"].to(device))
+            x0 = posterior.sample() if cfg.posterior_sample else posterior.mode()
             img, txt = encoder.encode(batch["image"].to(device), batch["caption"])
             yield x0, img, txt
 

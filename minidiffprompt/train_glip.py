@@ -27,9 +27,10 @@ import torch
 from .checkpoint import load_training, save_training, save_weights
 from .config import Preset
 from .data import DetectionDataset, RefExpDataset, collate
+from .distributed import all_reduce_mean, barrier, cleanup, init_distributed, is_main, rank, world_size, wrap_ddp
 from .glip import GLIP, count_parameters
 from .metrics import evaluate_boxes, recall_at_k
-from .runtime import pick_device, progress, seed_everything
+from .runtime import progress, seed_everything
 
 
 def class_prompt(names: list[str]) -> tuple[str, dict]:
@@ -130,8 +131,8 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
         if json.loads((folder / "config.json").read_text()) == config:
             return json.loads(done.read_text())
     folder.mkdir(parents=True, exist_ok=True)
-    device = pick_device(getattr(preset, "device", "auto"))
-    seed_everything(cfg.seed)
+    device = init_distributed(getattr(preset, "device", "auto"))   # one process per GPU under torchrun
+    seed_everything(cfg.seed)                                         # the same initial weights on every rank
     S = preset.data.image_size
     vocab = data / "vocab.txt"
     model = GLIP(dataclasses.replace(cfg, text_vocab=""), vocab_file=vocab).to(device)
@@ -140,6 +141,8 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     n_hold = max(1, int(len(images) * cfg.holdout_fraction))       # held-out detection images
     train_idx, hold_idx = list(range(len(images) - n_hold)), list(range(len(images) - n_hold, len(images)))
     steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
+    if world_size() > 1:   # a ragged last batch could leave a rank without images: drop it
+        steps_per_epoch = max(1, len(train_idx) // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     # the predictors on top of the tower (boxes, centerness, token projection/bias, logit scale) start tiny and
     # must reach large outputs (deltas are ×(10,10,5,5)): in a short run from scratch they get a larger step
@@ -160,6 +163,7 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start, history, elapsed = state["epoch"], state["history"], state["elapsed"]
+    ddp = wrap_ddp(model, device, find_unused_parameters=True)   # rpn.head.cls_logits never gets a gradient
     rng = random.Random(cfg.seed)
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
@@ -171,8 +175,11 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             captions, tg = make_targets([targets[i] for i in idx], categories, rng, cfg.shuffle_prompt)
+            # the whole global batch's prompts (the same rng draws on every rank), then this rank's share
+            share = slice(rank(), None, world_size())
+            idx, captions, tg = idx[share], captions[share], tg[share]
             tg = [{"boxes": t["boxes"].to(device), "spans": t["spans"]} for t in tg]
-            losses = model(images[idx].to(device), captions, targets=tg)
+            losses = ddp(images[idx].to(device), captions, targets=tg)
             loss = sum(losses.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -181,15 +188,17 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
             opt.step()
             sched.step()
             for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
+                sums[k] = sums.get(k, 0.0) + all_reduce_mean(v).item()   # the mean over the ranks
             bar.set_postfix(loss=f"{loss.item():.3f}")
         elapsed += time.time() - t0
         record = {"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()}, "time_s": elapsed}
         history.append(record)
-        print(f"glip epoch {epoch + 1}/{cfg.epochs}: " + " ".join(f"{k} {v:.4f}" for k, v in record.items()
-                                                                   if k.startswith("loss")) + f" ({elapsed:.0f} s)")
-        save_training(folder / "checkpoint.pt", model=model.state_dict(), opt=opt.state_dict(),
-                      sched=sched.state_dict(), epoch=epoch + 1, history=history, elapsed=elapsed, config=config)
+        if is_main():                              # rank 0 logs and writes; the others wait at the barrier
+            print(f"glip epoch {epoch + 1}/{cfg.epochs}: " + " ".join(f"{k} {v:.4f}" for k, v in record.items()
+                                                                       if k.startswith("loss")) + f" ({elapsed:.0f} s)")
+            save_training(folder / "checkpoint.pt", model=model.state_dict(), opt=opt.state_dict(),
+                          sched=sched.state_dict(), epoch=epoch + 1, history=history, elapsed=elapsed, config=config)
+        barrier()
 
     # zero-shot evaluation of the frozen model
     for p in model.parameters():
@@ -200,12 +209,15 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     metrics = {"detection_R@1": det["R@1"], "detection_queries": det["n"], "zero_shot": ref,
                "train_time_s": round(elapsed, 1), "eval_time_s": round(time.time() - t0, 1),
                "parameters": count_parameters(model), "history": history}
-    print(f"glip: detection R@1 {det['R@1']:.1f} ({det['n']} held-out queries); zero-shot referring R@1 "
-          + ", ".join(f"{s} {r['R@1']:.1f}" for s, r in ref.items()))
-    save_weights(model.state_dict(), folder / "model.safetensors")
-    shutil.copyfile(vocab, folder / "vocab.txt")
-    _write_json(folder / "config.json", config)
-    _write_json(folder / "metrics.json", metrics)   # written last: its presence marks the stage complete
+    if is_main():                                  # every rank evaluated (same numbers); rank 0 writes
+        print(f"glip: detection R@1 {det['R@1']:.1f} ({det['n']} held-out queries); zero-shot referring R@1 "
+              + ", ".join(f"{s} {r['R@1']:.1f}" for s, r in ref.items()))
+        save_weights(model.state_dict(), folder / "model.safetensors")
+        shutil.copyfile(vocab, folder / "vocab.txt")
+        _write_json(folder / "config.json", config)
+        _write_json(folder / "metrics.json", metrics)   # written last: its presence marks the stage complete
+    barrier()
+    cleanup()
     return metrics
 
 

@@ -25,9 +25,11 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import load_training, read_state_dict, save_training, save_weights, load_strict
 from .config import Preset, PromptConfig
+from .distributed import (all_reduce_mean, barrier, cleanup, distributed_loader, init_distributed, is_main, rank,
+                          set_epoch, world_size, wrap_ddp)
 from .prompting import DiffPromptGenerator, LearnablePrompts, freeze
 from .train_glip import inclusive_boxes
-from .runtime import autocast, loader_kwargs, pick_device, progress, seed_everything
+from .runtime import autocast, loader_kwargs, progress, seed_everything
 
 METHODS = ("diffprompt", "vpt", "textprompt", "full", "zeroshot")
 
@@ -153,7 +155,7 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     cfg = preset.prompt
     if cfg.method not in METHODS:
         raise SystemExit(f"unknown --method {cfg.method!r}; choose one of {', '.join(METHODS)}")
-    device = pick_device(getattr(preset, "device", "auto"))
+    device = init_distributed(getattr(preset, "device", "auto"))   # one process per GPU under torchrun
     folder = method_dir(out, cfg)
     config = run_config(preset, cfg)
     if resume and (folder / "metrics.json").exists() and (folder / "config.json").exists():
@@ -176,26 +178,38 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
 
     if params:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        trained = wrap_ddp(prompter if prompter is not None else glip, device,
+                           find_unused_parameters=prompter is None)   # `full`: GLIP's cls_logits gets no gradient
         state = load_training(folder / "checkpoint.pt") if resume else None
         if state is not None and state.get("config") == config:
             _load_trainable(glip, prompter, state["weights"])
             optimizer.load_state_dict(state["optimizer"])
             start_epoch, history, step_losses = state["epoch"], state["history"], state["step_losses"]
             torch.set_rng_state(state["rng"])
+        if world_size() > 1:
+            torch.manual_seed(cfg.seed + 1000 * rank() + start_epoch)   # fresh DDIM noise differs per rank (spec S9)
         dataset = RefExpDataset(data, "train", preset.data.image_size)
         micro = min(cfg.micro_batch, cfg.batch_size)
-        accum = max(1, cfg.batch_size // micro)
+        accum = max(1, cfg.batch_size // (micro * world_size()))   # micro batches are per process
         loader = DataLoader(dataset, batch_size=micro, shuffle=True, collate_fn=collate, drop_last=False,
                             generator=torch.Generator().manual_seed(cfg.seed),
                             **loader_kwargs(preset.data.num_workers, device))
+        if world_size() > 1:                      # each rank loads `micro` items of every global micro batch
+            loader = distributed_loader(dataset, micro * world_size(), shuffle=True, seed=cfg.seed,
+                                        collate_fn=collate, **loader_kwargs(preset.data.num_workers, device))
         for epoch in range(start_epoch, cfg.epochs):
-            loader.generator.manual_seed(cfg.seed + epoch)  # the same order whether resumed or not
+            if world_size() > 1:
+                set_epoch(loader, epoch)
+            else:
+                loader.generator.manual_seed(cfg.seed + epoch)  # the same order whether resumed or not
             running, count, accumulated, epoch_steps = 0.0, 0, 0.0, 0
             bar = progress(loader, desc=f"{folder.name} epoch {epoch + 1}/{cfg.epochs}", leave=False)
             optimizer.zero_grad(set_to_none=True)
             for i, batch in enumerate(bar):
                 with autocast(device, cfg.amp):
-                    loss, parts = prompt_loss(glip, prompter, batch, device)
+                    # the DDP wrapper (under torchrun) stands where the trainable module goes
+                    loss, parts = prompt_loss(glip if prompter is not None else trained,
+                                              trained if prompter is not None else None, batch, device)
                 (loss / accum).backward()
                 value = float(loss.detach())
                 running, count, accumulated = running + value, count + 1, accumulated + value
@@ -203,12 +217,12 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    step_losses.append(accumulated / (i % accum + 1))
+                    step_losses.append(_rank_mean(accumulated / (i % accum + 1)))
                     accumulated, epoch_steps = 0.0, epoch_steps + 1
                     if cfg.max_steps and epoch_steps >= cfg.max_steps:
                         break  # a step budget per epoch (the tiny preset's CPU budget)
                 bar.set_postfix(loss=f"{running / count:.3f}")
-            record = {"epoch": epoch + 1, "loss": running / max(count, 1)}
+            record = {"epoch": epoch + 1, "loss": _rank_mean(running / max(count, 1))}
             if cfg.val_items:
                 record["val_R@1"] = evaluate_split(glip, prompter, data, "val", preset, device,
                                                    max_items=cfg.val_items)["R@1"]
@@ -217,21 +231,33 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
                 if cfg.method == "full":
                     glip.train()
             history.append(record)
-            print(f"[{folder.name}] epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f}"
-                  + (f" val R@1 {record['val_R@1']:.1f}" if "val_R@1" in record else ""), flush=True)
-            save_training(folder / "checkpoint.pt", weights=_trainable_state(glip, prompter),
-                          optimizer=optimizer.state_dict(), epoch=epoch + 1, history=history, config=config,
-                          step_losses=step_losses,
-                          rng=torch.get_rng_state())
-        save_weights(_trainable_state(glip, prompter), folder / "model.safetensors")
+            if is_main():                          # rank 0 logs and writes; the others wait at the barrier
+                print(f"[{folder.name}] epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f}"
+                      + (f" val R@1 {record['val_R@1']:.1f}" if "val_R@1" in record else ""), flush=True)
+                save_training(folder / "checkpoint.pt", weights=_trainable_state(glip, prompter),
+                              optimizer=optimizer.state_dict(), epoch=epoch + 1, history=history, config=config,
+                              step_losses=step_losses,
+                              rng=torch.get_rng_state())
+            barrier()
+        if is_main():
+            save_weights(_trainable_state(glip, prompter), folder / "model.safetensors")
 
     metrics = {"method": cfg.method, "trainable_parameters": n_trainable, "epochs": len(history),
                "history": history, "step_losses": step_losses,
                "final_loss": history[-1]["loss"] if history else None,
                "train_seconds": round(time.time() - t0, 1)}
-    (folder / "config.json").write_text(json.dumps({"config": config, "prompt": dataclasses.asdict(cfg)}, indent=1))
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if is_main():
+        (folder / "config.json").write_text(json.dumps({"config": config, "prompt": dataclasses.asdict(cfg)},
+                                                       indent=1))
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    barrier()
+    cleanup()
     return metrics
+
+
+def _rank_mean(value: float) -> float:
+    """The mean of a logged number over the ranks (float64: with one process it is returned unchanged)."""
+    return all_reduce_mean(torch.tensor(value, dtype=torch.float64)).item()
 
 
 def _trainable_state(glip, prompter) -> dict:

@@ -27,7 +27,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .checkpoint import load_training, save_training, save_weights
 from .config import Preset, VAEConfig
-from .runtime import loader_kwargs, pick_device, progress, seed_everything
+from .distributed import (all_reduce_mean, barrier, cleanup, distributed_loader, init_distributed, is_main, rank,
+                          set_epoch, world_size, wrap_ddp)
+from .runtime import loader_kwargs, progress, seed_everything
 from .vae import DiagonalGaussian, MaskVAE, diffusers_config
 
 VAL_SEED = 0   # the posterior samples of the validation pass are drawn from this seed: validation is repeatable
@@ -145,11 +147,12 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
         if stored == wanted:
             return json.loads((stage / "metrics.json").read_text())
 
-    device = pick_device(getattr(preset, "device", "auto"))
-    generator = seed_everything(cfg.seed)
+    device = init_distributed(getattr(preset, "device", "auto"))   # one process per GPU under torchrun
+    generator = seed_everything(cfg.seed)                             # the same initial weights on every rank
     vae = build_vae(cfg).to(device)
     optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_gamma)
+    model = wrap_ddp(vae, device)              # forward/backward through `model` (DDP under torchrun); save `vae`
     start, history, elapsed = 0, [], 0.0
 
     state = load_training(stage / "checkpoint.pt") if resume else None
@@ -160,43 +163,57 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
         generator.set_state(state["shuffle_rng"])
         torch.set_rng_state(state["torch_rng"])
         start, history, elapsed = state["epoch"], state["history"], state["seconds"]
-        print(f"train-vae: resuming {stage / 'checkpoint.pt'} after epoch {start}", flush=True)
-    elif state is not None:
+        if is_main():
+            print(f"train-vae: resuming {stage / 'checkpoint.pt'} after epoch {start}", flush=True)
+    elif state is not None and is_main():
         print(f"train-vae: {stage / 'checkpoint.pt'} was written with another configuration; starting afresh",
               flush=True)
+    if world_size() > 1:
+        torch.manual_seed(cfg.seed + 1000 * rank() + start)   # each rank its own posterior-sampling noise
 
     workers = preset.data.num_workers
     train = mask_loader(data, "train", preset.data.mask_size, cfg.batch_size, True, cfg.cache_masks, workers,
                         device, generator)
+    if world_size() > 1:                                      # each rank loads its share of the global batch
+        train = distributed_loader(train.dataset, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                   **loader_kwargs(0 if cfg.cache_masks else workers, device))
     val = mask_loader(data, "val", preset.data.mask_size, cfg.batch_size, False, cfg.cache_masks, workers, device)
     n_params = sum(p.numel() for p in vae.parameters())
-    if start == 0:
+    if start == 0 and is_main():
         print(f"train-vae: {n_params:,} parameters, {len(train.dataset)} train / {len(val.dataset)} val masks "
               f"of {preset.data.mask_size}², latents {cfg.latent_channels}×"
               f"{preset.data.mask_size // vae.downsample_factor}², {cfg.epochs} epochs on {device}", flush=True)
 
     for epoch in range(start, cfg.epochs):
+        set_epoch(train, epoch)
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        stats = train_one_epoch(vae, train, optimizer, device, cfg.kl_weight, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        stats = train_one_epoch(model, train, optimizer, device, cfg.kl_weight, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        # the mean over the ranks (in float64: with one process the numbers stay exactly what they were)
+        stats = {k: all_reduce_mean(torch.tensor(v, dtype=torch.float64)).item() for k, v in stats.items()}
         scheduler.step()                                   # ExponentialLR: once per epoch
         stats.update(evaluate(vae, val, device), epoch=epoch + 1, lr=lr)
         elapsed += time.perf_counter() - t0
         history.append(stats)
-        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {stats['loss']:.4f}  mse {stats['mse']:.4f}  "
-              f"val_loss {stats['val_loss']:.4f}  val_mse {stats['val_mse']:.4f}  val_iou {stats['val_iou']:.3f}  "
-              f"lr {lr:.2e}  {elapsed:.0f}s", flush=True)
-        save_training(stage / "checkpoint.pt", model=vae.state_dict(), optimizer=optimizer.state_dict(),
-                      scheduler=scheduler.state_dict(), shuffle_rng=generator.get_state(),
-                      torch_rng=torch.get_rng_state(), epoch=epoch + 1, history=history, seconds=elapsed,
-                      config=wanted)
+        if is_main():                              # rank 0 logs and writes; the others wait at the barrier
+            print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {stats['loss']:.4f}  mse {stats['mse']:.4f}  "
+                  f"val_loss {stats['val_loss']:.4f}  val_mse {stats['val_mse']:.4f}  "
+                  f"val_iou {stats['val_iou']:.3f}  lr {lr:.2e}  {elapsed:.0f}s", flush=True)
+            save_training(stage / "checkpoint.pt", model=vae.state_dict(), optimizer=optimizer.state_dict(),
+                          scheduler=scheduler.state_dict(), shuffle_rng=generator.get_state(),
+                          torch_rng=torch.get_rng_state(), epoch=epoch + 1, history=history, seconds=elapsed,
+                          config=wanted)
+        barrier()
 
     if not history:
         raise SystemExit(f"train-vae: nothing to train (epochs={cfg.epochs}); set --epochs to at least 1")
     # the last epoch's weights are kept (the authors' release, epoch 157 of 158, was effectively the last one)
     metrics = {k: v for k, v in history[-1].items() if k.startswith("val_")}
     metrics.update(epochs=len(history), parameters=n_params, train_seconds=round(elapsed, 2), history=history)
-    save_weights(vae.state_dict(), stage / "model.safetensors")
-    _write_json(stage / "metrics.json", metrics)
-    _write_json(stage / "config.json", {**diffusers_config(vae), "train": wanted})   # last: marks the stage done
+    if is_main():
+        save_weights(vae.state_dict(), stage / "model.safetensors")
+        _write_json(stage / "metrics.json", metrics)
+        _write_json(stage / "config.json", {**diffusers_config(vae), "train": wanted})   # last: marks the stage done
+    barrier()
+    cleanup()
     return metrics
