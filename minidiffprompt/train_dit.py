@@ -30,8 +30,10 @@ from .checkpoint import load_training, save_training, save_weights
 from .conditions import ConditionEncoder, build_condition_encoder
 from .config import DiTConfig, Preset
 from .diffusion import GaussianDiffusion, get_betas
+from .distributed import (all_reduce_mean, barrier, cleanup, distributed_loader, init_distributed, is_main, rank,
+                          set_epoch, world_size, wrap_ddp)
 from .dit import DiT, dit_from_config, load_dit
-from .runtime import pick_device, progress, seed_everything
+from .runtime import progress, seed_everything
 from .vae import MaskVAE, load_mask_vae
 
 EVAL_SEED = 0      # DDIM start noise of the generation evaluation: the reported IoU is repeatable
@@ -180,13 +182,18 @@ def update_ema(ema: DiT, model: DiT, decay: float):
         p_ema.mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
-def _batches(train: dict | None, data, preset: Preset, vae, encoder, device, generator):
+def _batches(train: dict | None, data, preset: Preset, vae, encoder, device, generator, epoch: int = 0):
     """Yields (x0, image_features, text_features): from the cache, or encoded on the fly."""
     cfg = preset.dit
     if train is not None:
-        loader = DataLoader(TensorDataset(train["mean"], train["std"], train["image_features"],
-                                          train["text_features"]), batch_size=cfg.batch_size, shuffle=True,
-                            generator=generator, drop_last=len(train["mean"]) > cfg.batch_size)
+        ds = TensorDataset(train["mean"], train["std"], train["image_features"], train["text_features"])
+        if world_size() > 1:                   # each rank loads its share of the global batch
+            loader = distributed_loader(ds, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                        drop_last=len(ds) > cfg.batch_size)
+            set_epoch(loader, epoch)
+        else:
+            loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+                                drop_last=len(ds) > cfg.batch_size)
         for mean, std, img, txt in loader:
             if not cfg.posterior_sample:     # the posterior mean: the tiny VAE's σ is larger than its signal
                 yield mean.to(device), img.to(device), txt.to(device)
@@ -198,6 +205,10 @@ def _batches(train: dict | None, data, preset: Preset, vae, encoder, device, gen
     dataset = RefExpDataset(data, "train", preset.data.image_size, mask_size=preset.data.mask_size)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator, drop_last=True,
                         collate_fn=collate, num_workers=preset.data.num_workers)
+    if world_size() > 1:
+        loader = distributed_loader(dataset, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True,
+                                    collate_fn=collate, num_workers=preset.data.num_workers)
+        set_epoch(loader, epoch)
     with torch.no_grad():
         for batch in loader:
             posterior = vae.encode(batch["mask"].to(device))
@@ -216,7 +227,7 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
         if json.loads((stage / "config.json").read_text()).get("train") == wanted:
             return json.loads((stage / "metrics.json").read_text())
 
-    device = pick_device(getattr(preset, "device", "auto"))
+    device = init_distributed(getattr(preset, "device", "auto"))   # one process per GPU under torchrun
     vae = load_stage1_vae(out, device)
     _check_latent_size(vae, preset)
     generator = seed_everything(cfg.seed)
@@ -225,6 +236,7 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
     ema = copy.deepcopy(dit).requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in dit.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
+    model = wrap_ddp(dit, device)              # forward/backward through `model`; EMA and files use `dit`
     diffusion = GaussianDiffusion(get_betas(cfg.noise_schedule, cfg.diffusion_steps))
     start, history, elapsed, steps = 0, [], 0.0, 0
 
@@ -236,16 +248,20 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
         generator.set_state(state["shuffle_rng"])
         torch.set_rng_state(state["torch_rng"])
         start, history, elapsed, steps = state["epoch"], state["history"], state["seconds"], state["steps"]
-        print(f"train-dit: resuming {stage / 'checkpoint.pt'} after epoch {start}")
-    elif state is not None:
+        if is_main():
+            print(f"train-dit: resuming {stage / 'checkpoint.pt'} after epoch {start}")
+    elif state is not None and is_main():
         print(f"train-dit: {stage / 'checkpoint.pt'} was written with another configuration; starting afresh")
+    if world_size() > 1:   # same initial weights and EMA everywhere, then each rank its own t / ε / x0 noise
+        torch.manual_seed(cfg.seed + 1000 * rank() + start)
+        generator.manual_seed(cfg.seed + 1000 * rank() + start)
 
     t0 = time.perf_counter()
     train = encode_split(data, "train", preset, vae, encoder, device) if cfg.cache_latents else None
     val = encode_split(data, "val", preset, vae, encoder, device, max_items=cfg.eval_items)
     elapsed += time.perf_counter() - t0
     n_params = sum(p.numel() for p in dit.parameters())
-    if start == 0:
+    if start == 0 and is_main():
         n_train = len(train["mean"]) if train is not None else "?"
         print(f"train-dit: {n_params:,} parameters, {n_train} train pairs, latents {dit.in_channels}×"
               f"{cfg.input_size}², {cfg.noise_schedule} schedule T={cfg.diffusion_steps}, {cfg.epochs} epochs "
@@ -255,11 +271,11 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
         t0 = time.perf_counter()
         dit.train()
         totals, n = {"loss": 0.0, "mse": 0.0, "vb": 0.0}, 0
-        bar = progress(_batches(train, data, preset, vae, encoder, device, generator), leave=False,
+        bar = progress(_batches(train, data, preset, vae, encoder, device, generator, epoch), leave=False,
                        desc=f"epoch {epoch + 1}/{cfg.epochs}")
         for x0, img, txt in bar:
             t = torch.randint(0, diffusion.num_timesteps, (len(x0),), device=device)   # uniform t (spec §2.5)
-            losses = diffusion.training_losses(lambda x, tt: dit(x, tt, img, txt), x0, t)
+            losses = diffusion.training_losses(lambda x, tt: model(x, tt, img, txt), x0, t)
             loss = losses["loss"].mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -270,30 +286,38 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
                 totals[key] += losses[key].detach().sum().item()
             n += len(x0)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        stats = {k: v / max(n, 1) for k, v in totals.items()}
+        # the mean over the ranks (in float64: with one process the numbers stay exactly what they were)
+        stats = {k: all_reduce_mean(torch.tensor(v / max(n, 1), dtype=torch.float64)).item()
+                 for k, v in totals.items()}
         elapsed += time.perf_counter() - t0
         stats.update(epoch=epoch + 1, steps=steps, seconds=round(elapsed, 2))
         history.append(stats)
-        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {stats['loss']:.4f}  mse {stats['mse']:.4f}  "
-              f"vb {stats['vb']:.4f}  {elapsed:.0f}s")
-        save_training(stage / "checkpoint.pt", model=dit.state_dict(), ema=ema.state_dict(),
-                      opt=optimizer.state_dict(), shuffle_rng=generator.get_state(),
-                      torch_rng=torch.get_rng_state(), epoch=epoch + 1, steps=steps, history=history,
-                      seconds=elapsed, config=wanted)
+        if is_main():                              # rank 0 logs and writes; the others wait at the barrier
+            print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {stats['loss']:.4f}  mse {stats['mse']:.4f}  "
+                  f"vb {stats['vb']:.4f}  {elapsed:.0f}s")
+            save_training(stage / "checkpoint.pt", model=dit.state_dict(), ema=ema.state_dict(),
+                          opt=optimizer.state_dict(), shuffle_rng=generator.get_state(),
+                          torch_rng=torch.get_rng_state(), epoch=epoch + 1, steps=steps, history=history,
+                          seconds=elapsed, config=wanted)
+        barrier()
 
     if not history:
         raise SystemExit(f"train-dit: nothing to train (epochs={cfg.epochs}); set --epochs to at least 1")
     ema.eval()
     gen = evaluate_generation(ema, vae, diffusion, val, num_steps=cfg.ddim_steps)
-    print(f"train-dit: val mask IoU of generated masks {gen['iou']:.3f} (shuffled conditions "
-          f"{gen['iou_shuffled']:.3f}, {gen['items']} items, DDIM {cfg.ddim_steps})")
+    if is_main():                                  # every rank evaluated (same numbers); rank 0 writes
+        print(f"train-dit: val mask IoU of generated masks {gen['iou']:.3f} (shuffled conditions "
+              f"{gen['iou_shuffled']:.3f}, {gen['items']} items, DDIM {cfg.ddim_steps})")
     metrics = {"val_iou": gen["iou"], "val_iou_shuffled": gen["iou_shuffled"], "val_items": gen["items"],
                "loss": history[-1]["loss"], "epochs": len(history), "steps": steps, "parameters": n_params,
                "train_seconds": round(elapsed, 2), "history": history}
-    save_weights(ema.state_dict(), stage / "model.safetensors")           # EMA weights, like the HF export
-    _write_json(stage / "metrics.json", metrics)
     arch = dict(input_size=cfg.input_size, patch_size=cfg.patch_size, in_channels=dit.in_channels,
                 hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
                 learn_sigma=cfg.learn_sigma, cond_dim=cfg.cond_dim)
-    _write_json(stage / "config.json", {"model_type": "mask_dit", **arch, "train": wanted})   # last: stage done
+    if is_main():
+        save_weights(ema.state_dict(), stage / "model.safetensors")       # EMA weights, like the HF export
+        _write_json(stage / "metrics.json", metrics)
+        _write_json(stage / "config.json", {"model_type": "mask_dit", **arch, "train": wanted})   # last: stage done
+    barrier()
+    cleanup()
     return metrics
