@@ -1,6 +1,5 @@
 """Text encoder: PromptedBert against plain HF BertModel and against a hand-written prompted BERT; tokenizer padding,
 model building and checkpoint keys (spec/GLIP_T_A.md §6, §13, §15, §16.3)."""
-import os
 from pathlib import Path
 
 import pytest
@@ -16,11 +15,7 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "red", "blue", "ci
          "big", "small", "on", ".", "##s", "tri", "##angle"]
 
 
-def spec_dir() -> Path | None:
-    for d in (Path(__file__).resolve().parents[2] / "shared" / "spec", os.environ.get("MDP_SPEC_DIR")):
-        if d and Path(d, "keys", "glip_a_tiny_o365.tsv").is_file():
-            return Path(d)
-    return None
+KEYS = Path(__file__).resolve().parent / "fixtures" / "glip_a_tiny_o365.tsv"   # copy of spec/keys/glip_a_tiny_o365.tsv
 
 
 def small_bert(attn: str | None = None) -> BertModel:
@@ -139,11 +134,8 @@ def test_tiny_bert_and_tokenizer_from_vocab(tmp_path):
 def test_paper_bert_size_and_checkpoint_keys():
     bert = build_bert(GLIPConfig())  # bert-base-uncased config (or the identical BertConfig() default)
     assert sum(p.numel() for p in bert.parameters()) == 108_891_648  # spec §15.3
-    spec = spec_dir()
-    if spec is None:
-        pytest.skip("spec/keys/glip_a_tiny_o365.tsv not found (set MDP_SPEC_DIR)")
     prefix = "language_backbone.body.model."
-    manifest = {k[len(prefix):]: v for k, v in keys_from_tsv(spec / "keys" / "glip_a_tiny_o365.tsv").items()
+    manifest = {k[len(prefix):]: v for k, v in keys_from_tsv(KEYS).items()
                 if k.startswith(prefix)}
     assert {k: tuple(v.shape) for k, v in PromptedBert(bert).model.state_dict().items()} == manifest
     # an older checkpoint's extras (spec §15.2) are dropped, then the rest loads strictly

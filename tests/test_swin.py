@@ -1,6 +1,5 @@
 """Swin-T and FPN: window attention with prompts against a naive per-window loop, prompt/image pairing,
 patch-merging order, parameter counts, checkpoint keys and output shapes (spec/GLIP_T_A.md §4, §5, §15, §16.2)."""
-import os
 from pathlib import Path
 
 import pytest
@@ -13,11 +12,7 @@ from minidiffprompt.swin import (PatchMerging, SwinBlock, SwinTransformer, merge
                                  shift_window_mask)
 
 
-def spec_dir() -> Path | None:
-    for d in (Path(__file__).resolve().parents[2] / "shared" / "spec", os.environ.get("MDP_SPEC_DIR")):
-        if d and Path(d, "keys", "glip_a_tiny_o365.tsv").is_file():
-            return Path(d)
-    return None
+KEYS = Path(__file__).resolve().parent / "fixtures" / "glip_a_tiny_o365.tsv"   # copy of spec/keys/glip_a_tiny_o365.tsv
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,10 +146,7 @@ def test_swin_t_fpn_parameter_counts_and_checkpoint_keys():
     swin, fpn = SwinTransformer(), FPN((192, 384, 768), 256)
     assert sum(p.numel() for p in swin.parameters()) == 27_520_506  # spec §15.3
     assert sum(p.numel() for p in fpn.parameters()) == 3_295_232
-    spec = spec_dir()
-    if spec is None:
-        pytest.skip("spec/keys/glip_a_tiny_o365.tsv not found (set MDP_SPEC_DIR)")
-    manifest = {k: v for k, v in keys_from_tsv(spec / "keys" / "glip_a_tiny_o365.tsv").items()
+    manifest = {k: v for k, v in keys_from_tsv(KEYS).items()
                 if k.startswith("backbone.")}
     ours = {f"backbone.body.{k}": tuple(v.shape) for k, v in swin.state_dict().items()}
     ours |= {f"backbone.fpn.{k}": tuple(v.shape) for k, v in fpn.state_dict().items()}
