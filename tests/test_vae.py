@@ -1,6 +1,5 @@
 """Mask-VAE: equal to diffusers' AutoencoderKL on the same weights, loads every release format strictly, trains."""
 import json
-import os
 from pathlib import Path
 
 import numpy as np
