@@ -119,26 +119,23 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
         loader.sampler.set_epoch(epoch)
 
 
-def all_reduce_mean(value: torch.Tensor | float) -> torch.Tensor:
-    """The mean over processes of a tensor (or number): what a log line or a metric should show."""
-    t = value.detach().clone() if torch.is_tensor(value) else torch.tensor(float(value))
-    if not is_distributed():
-        return t
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t / world_size()
-
-
 def all_reduce_sum(value: torch.Tensor | float) -> torch.Tensor:
-    """The sum over processes (counts, summed losses before dividing by the global count)."""
-    t = value.detach().clone() if torch.is_tensor(value) else torch.tensor(float(value))
+    """The sum over processes (counts, summed losses before dividing by the global count).
+
+    A Python number becomes a float64 tensor, so a logged value is not rounded to float32 on the way.
+    """
+    t = value.detach().clone() if torch.is_tensor(value) else torch.tensor(float(value), dtype=torch.float64)
     if not is_distributed():
         return t
     if dist.get_backend() == "nccl":
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_reduce_mean(value: torch.Tensor | float) -> torch.Tensor:
+    """The mean over processes of a tensor (or number): what a log line or a metric should show."""
+    return all_reduce_sum(value) / world_size()
 
 
 def barrier() -> None:
