@@ -286,9 +286,7 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
                 totals[key] += losses[key].detach().sum().item()
             n += len(x0)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        # the mean over the ranks (in float64: with one process the numbers stay exactly what they were)
-        stats = {k: all_reduce_mean(torch.tensor(v / max(n, 1), dtype=torch.float64)).item()
-                 for k, v in totals.items()}
+        stats = {k: all_reduce_mean(v / max(n, 1)).item() for k, v in totals.items()}   # mean over the ranks
         elapsed += time.perf_counter() - t0
         stats.update(epoch=epoch + 1, steps=steps, seconds=round(elapsed, 2))
         history.append(stats)

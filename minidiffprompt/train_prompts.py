@@ -217,12 +217,12 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    step_losses.append(_rank_mean(accumulated / (i % accum + 1)))
+                    step_losses.append(all_reduce_mean(accumulated / (i % accum + 1)).item())
                     accumulated, epoch_steps = 0.0, epoch_steps + 1
                     if cfg.max_steps and epoch_steps >= cfg.max_steps:
                         break  # a step budget per epoch (the tiny preset's CPU budget)
                 bar.set_postfix(loss=f"{running / count:.3f}")
-            record = {"epoch": epoch + 1, "loss": _rank_mean(running / max(count, 1))}
+            record = {"epoch": epoch + 1, "loss": all_reduce_mean(running / max(count, 1)).item()}
             if cfg.val_items:
                 record["val_R@1"] = evaluate_split(glip, prompter, data, "val", preset, device,
                                                    max_items=cfg.val_items)["R@1"]
@@ -253,11 +253,6 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     barrier()
     cleanup()
     return metrics
-
-
-def _rank_mean(value: float) -> float:
-    """The mean of a logged number over the ranks (float64: with one process it is returned unchanged)."""
-    return all_reduce_mean(torch.tensor(value, dtype=torch.float64)).item()
 
 
 def _trainable_state(glip, prompter) -> dict:

@@ -189,8 +189,7 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(model, train, optimizer, device, cfg.kl_weight, desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        # the mean over the ranks (in float64: with one process the numbers stay exactly what they were)
-        stats = {k: all_reduce_mean(torch.tensor(v, dtype=torch.float64)).item() for k, v in stats.items()}
+        stats = {k: all_reduce_mean(v).item() for k, v in stats.items()}      # the mean over the ranks
         scheduler.step()                                   # ExponentialLR: once per epoch
         stats.update(evaluate(vae, val, device), epoch=epoch + 1, lr=lr)
         elapsed += time.perf_counter() - t0
