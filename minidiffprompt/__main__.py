@@ -15,6 +15,7 @@ import argparse
 import importlib
 from pathlib import Path
 
+from .checkpoint import CheckpointMismatch
 from .config import apply_overrides, get_preset
 
 # command -> (module with main(preset, data, out, resume), the preset sections its --key value options may set)
@@ -67,9 +68,12 @@ def main(argv: list[str] | None = None):
     data = args.data or Path(preset.data.root)
     out = args.out or Path("runs") / ("demo" if args.command == "demo" else preset.name)
     module = importlib.import_module(f"minidiffprompt.{module_name}")
-    if args.command == "bench":
-        return module.main(preset, data, out, resume=False, batch=args.batch, compile=args.compile or None)
-    return module.main(preset, data, out, resume=not args.no_resume)
+    try:
+        if args.command == "bench":
+            return module.main(preset, data, out, resume=False, batch=args.batch, compile=args.compile or None)
+        return module.main(preset, data, out, resume=not args.no_resume)
+    except (FileNotFoundError, CheckpointMismatch) as e:   # a missing input or a wrong file: say what, not where
+        raise SystemExit(f"{args.command}: {e}") from None
 
 
 if __name__ == "__main__":
