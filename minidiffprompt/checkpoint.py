@@ -32,6 +32,12 @@ def atomic_save(obj, path) -> Path:
     return _replace_atomically(lambda tmp: torch.save(obj, tmp), path)
 
 
+def write_json(path, obj) -> Path:
+    """Write `obj` as indented JSON, atomically (a config.json written last marks a stage as complete)."""
+    import json
+    return _replace_atomically(lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)), path)
+
+
 def save_weights(state_dict: dict, path) -> Path:
     """Write a state dict as safetensors, atomically. Shared storage (tied weights) is cloned apart."""
     from safetensors.torch import save_file

@@ -19,14 +19,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .checkpoint import load_training, save_training, save_weights
+from .checkpoint import load_training, save_training, save_weights, write_json
 from .conditions import ConditionEncoder, build_condition_encoder
 from .config import DiTConfig, Preset
 from .diffusion import GaussianDiffusion, get_betas
@@ -169,12 +168,6 @@ def _same_but_epochs(a: dict, b: dict) -> bool:
     return strip(a) == strip(b)
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
 def update_ema(ema: DiT, model: DiT, decay: float):
     """θ_ema ← decay·θ_ema + (1 - decay)·θ after every optimiser step (DiT train.py)."""
@@ -314,8 +307,8 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
                 learn_sigma=cfg.learn_sigma, cond_dim=cfg.cond_dim)
     if is_main():
         save_weights(ema.state_dict(), stage / "model.safetensors")       # EMA weights, like the HF export
-        _write_json(stage / "metrics.json", metrics)
-        _write_json(stage / "config.json", {"model_type": "mask_dit", **arch, "train": wanted})   # last: stage done
+        write_json(stage / "metrics.json", metrics)
+        write_json(stage / "config.json", {"model_type": "mask_dit", **arch, "train": wanted})   # last: stage done
     barrier()
     cleanup()
     return metrics

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_training, save_training, save_weights
+from .checkpoint import load_training, save_training, save_weights, write_json
 from .config import Preset
 from .data import DetectionDataset, RefExpDataset, collate
 from .distributed import all_reduce_mean, barrier, cleanup, init_distributed, is_main, rank, world_size, wrap_ddp
@@ -214,14 +214,14 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
               + ", ".join(f"{s} {r['R@1']:.1f}" for s, r in ref.items()))
         save_weights(model.state_dict(), folder / "model.safetensors")
         shutil.copyfile(vocab, folder / "vocab.txt")
-        _write_json(folder / "config.json", config)
-        _write_json(folder / "metrics.json", metrics)   # written last: its presence marks the stage complete
+        write_json(folder / "config.json", config)
+        write_json(folder / "metrics.json", metrics)   # written last: its presence marks the stage complete
     barrier()
     cleanup()
     return metrics
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     tmp.replace(path)

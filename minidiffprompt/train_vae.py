@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from .checkpoint import load_training, save_training, save_weights
+from .checkpoint import load_training, save_training, save_weights, write_json
 from .config import Preset, VAEConfig
 from .distributed import (all_reduce_mean, barrier, cleanup, distributed_loader, init_distributed, is_main, rank,
                           set_epoch, world_size, wrap_ddp)
@@ -131,12 +130,6 @@ def _same_but_epochs(a: dict, b: dict) -> bool:
     return strip(a) == strip(b)
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def main(preset: Preset, data, out, resume: bool = True) -> dict:
     """Train (or resume, or reuse) the Mask-VAE of `preset` on `data`; returns the final metrics."""
     cfg, stage = preset.vae, Path(out) / "vae"
@@ -211,8 +204,8 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
     metrics.update(epochs=len(history), parameters=n_params, train_seconds=round(elapsed, 2), history=history)
     if is_main():
         save_weights(vae.state_dict(), stage / "model.safetensors")
-        _write_json(stage / "metrics.json", metrics)
-        _write_json(stage / "config.json", {**diffusers_config(vae), "train": wanted})   # last: marks the stage done
+        write_json(stage / "metrics.json", metrics)
+        write_json(stage / "config.json", {**diffusers_config(vae), "train": wanted})   # last: marks the stage done
     barrier()
     cleanup()
     return metrics
