@@ -32,10 +32,21 @@ def atomic_save(obj, path) -> Path:
     return _replace_atomically(lambda tmp: torch.save(obj, tmp), path)
 
 
+def write_text(path, text: str) -> Path:
+    """Write a text file atomically: a reader sees the old file or the new one, never half of one."""
+    return _replace_atomically(lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), path)
+
+
 def write_json(path, obj) -> Path:
     """Write `obj` as indented JSON, atomically (a config.json written last marks a stage as complete)."""
     import json
-    return _replace_atomically(lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)), path)
+    return write_text(path, json.dumps(obj, indent=2))
+
+
+def same_but_epochs(a: dict, b: dict, section: str) -> bool:
+    """Two run configs that differ at most in `section`'s epoch count (a resumable run may be extended)."""
+    strip = lambda c: {**c, section: {k: v for k, v in c[section].items() if k != "epochs"}}  # noqa: E731
+    return strip(a) == strip(b)
 
 
 def save_weights(state_dict: dict, path) -> Path:

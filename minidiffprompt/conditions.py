@@ -85,24 +85,26 @@ class CLIPConditionEncoder(ConditionEncoder):
 
 
 class TinyConditionEncoder(ConditionEncoder):
-    """Deterministic frozen features: a coarse colour grid of the image, hashed position-aware caption words.
+    """Deterministic frozen features: a colour-opponent grid of the image, hashed position-aware caption words.
 
-    Image: RGB in [-1, 1] average-pooled to grid×grid cells (where things are and what colour they are), then a
-    fixed random orthonormal map to `dim`, lossless whenever 3·grid² ≤ dim. Text: each word is hashed (crc32) into
+    Image: two colour-opponent channels, red−green and blue−yellow (R − G, B − (R + G)/2, as in the retina's
+    opponent cells), average-pooled to grid×grid cells. They cancel grey, so a muted background maps near 0 and a
+    coloured object stands out in its cells, with its hue. A fixed random orthonormal map takes the 2·grid² values
+    to `dim` (lossless whenever 2·grid² ≤ dim). Text: each word is hashed (crc32) into
     one of `buckets` random unit vectors; the feature is Σ_i γ^i·e(w_i) (order-weighted bag: the head phrase
     comes first in a referring expression) plus Σ_i e(w_i) ⊙ s_i with a random ±1 sign vector s_i per position
     (which word stands where), divided by √n. Everything comes from `seed`, so the same words always give the
     same feature and nothing needs a vocabulary or a download.
     """
 
-    def __init__(self, dim: int = 128, grid: int = 6, buckets: int = 4096, max_words: int = 16,
+    def __init__(self, dim: int = 128, grid: int = 8, buckets: int = 4096, max_words: int = 16,
                  decay: float = 0.7, seed: int = 0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.dim, self.grid, self.buckets, self.max_words, self.decay = dim, grid, buckets, max_words, decay
-        n_in = 3 * grid * grid
+        n_in = 2 * grid * grid
         q, _ = torch.linalg.qr(torch.randn(max(n_in, dim), max(n_in, dim), generator=g, dtype=torch.float64))
-        self.register_buffer("image_proj", q[:n_in, :dim].float().contiguous(), persistent=False)    # (3g², dim)
+        self.register_buffer("image_proj", q[:n_in, :dim].float().contiguous(), persistent=False)    # (2g², dim)
         words = torch.randn(buckets, dim, generator=g)
         self.register_buffer("word_vectors", F.normalize(words, dim=1), persistent=False)           # (V, dim)
         signs = torch.randint(0, 2, (max_words, dim), generator=g).float() * 2 - 1
@@ -115,8 +117,9 @@ class TinyConditionEncoder(ConditionEncoder):
     @torch.no_grad()
     def encode(self, images01, captions):
         device = self.image_proj.device
-        x = images01.to(device, torch.float32) * 2 - 1
-        cells = F.adaptive_avg_pool2d(x, self.grid)                              # (B, 3, g, g)
+        r, g, b = images01.to(device, torch.float32).unbind(1)
+        opponent = torch.stack([r - g, b - (r + g) / 2], dim=1) * 2              # (B, 2, H, W), grey → 0
+        cells = F.adaptive_avg_pool2d(opponent, self.grid)                       # (B, 2, g, g)
         img = rearrange(cells, "b c h w -> b (c h w)") @ self.image_proj         # (B, dim)
         txt = torch.zeros(len(captions), self.dim, device=device)
         for b, caption in enumerate(captions):

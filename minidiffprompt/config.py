@@ -128,6 +128,7 @@ class GLIPConfig:
     warmup_steps: int = 20
     grad_clip: float = 1.0         # full-model L2 norm (spec §1.3)
     head_lr_mult: float = 1.0      # lr factor of the head's predictors (box deltas ×(10,10,5,5), logit scale)
+    text_lr_mult: float = 1.0      # lr factor of the language backbone; 0 freezes it
     shuffle_prompt: bool = True    # class names in a random order per sample (no name tied to a position)
     holdout_fraction: float = 0.1  # detection images kept out of pre-training for the detection R@1
     eval_max_items: int = 0        # zero-shot referring evaluation: expressions per split (0 = all)

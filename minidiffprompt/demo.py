@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import write_json, write_text
 from .config import Preset
 
 DEMO_METHODS = ("vpt", "textprompt", "diffprompt")
@@ -188,9 +189,7 @@ def write_report(preset: Preset, root: Path, out: Path, results: dict, timings: 
     figs.mkdir(exist_ok=True)
     table = {m: {s: {k: round(v[k], 2) for k in ("R@1", "R@5", "UB")} for s, v in per.items()}
              for m, per in results.items()}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(table, indent=2))
-    tmp.replace(out / "results.json")
+    write_json(out / "results.json", table)
     names = {
         "data": figure_data(root, preset, figs / "data_samples.png"),
         "vae": figure_vae(root, preset, out, figs / "vae_reconstructions.png"),
@@ -232,5 +231,5 @@ def write_report(preset: Preset, root: Path, out: Path, results: dict, timings: 
         "## Time per step (s)", "", "| step | seconds |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in timings.items()], "",
     ]
-    (out / "report.md").write_text("\n".join(lines))
+    write_text(out / "report.md", "\n".join(lines))
     return out / "report.md"

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from .checkpoint import write_json
 from .config import Preset
 from .metrics import evaluate_boxes, results_table_markdown, write_results
 from .runtime import autocast, pick_device, progress
@@ -161,8 +162,8 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
                 samples[name] = preds[:6]
         print(f"[evaluate] {name}: " + ", ".join(f"{s} R@1 {r['R@1']:.1f}" for s, r in results[name].items()),
               flush=True)
-        cache.write_text(json.dumps({"stamp": stamp, "results": results[name],
-                                     "samples": [p["boxes"][:1].tolist() for p in samples[name]]}))
+        write_json(cache, {"stamp": stamp, "results": results[name],
+                           "samples": [p["boxes"][:1].tolist() for p in samples[name]]})
     write_results(results, eval_dir)
     qualitative_figure(samples, datasets[ev.splits[0]], preset, eval_dir / "qualitative.png")
     print(results_table_markdown(results), flush=True)

@@ -7,10 +7,11 @@ An image with no detection is a miss.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+
+from .checkpoint import write_json, write_text
 from torchvision.ops import box_iou as _box_iou
 from torchvision.ops import generalized_box_iou
 
@@ -103,8 +104,6 @@ def write_results(results: dict, out_dir: str | Path, name: str = "results") -> 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     js, md = out_dir / f"{name}.json", out_dir / f"{name}.md"
-    for path, text in ((js, json.dumps(results, indent=2)), (md, results_table_markdown(results))):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    write_json(js, results)
+    write_text(md, results_table_markdown(results))
     return js, md

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .checkpoint import load_training, save_training, save_weights, write_json
+from .checkpoint import load_training, same_but_epochs, save_training, save_weights, write_json
 from .conditions import ConditionEncoder, build_condition_encoder
 from .config import DiTConfig, Preset
 from .diffusion import GaussianDiffusion, get_betas
@@ -163,10 +163,6 @@ def run_config(preset: Preset) -> dict:
                                   "dit": dataclasses.asdict(preset.dit)}))
 
 
-def _same_but_epochs(a: dict, b: dict) -> bool:
-    strip = lambda c: {**c, "dit": {k: v for k, v in c["dit"].items() if k != "epochs"}}  # noqa: E731
-    return strip(a) == strip(b)
-
 
 @torch.no_grad()
 def update_ema(ema: DiT, model: DiT, decay: float):
@@ -234,7 +230,7 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
     start, history, elapsed, steps = 0, [], 0.0, 0
 
     state = load_training(stage / "checkpoint.pt") if resume else None
-    if state is not None and _same_but_epochs(state["config"], wanted) and state["epoch"] <= cfg.epochs:
+    if state is not None and same_but_epochs(state["config"], wanted, "dit") and state["epoch"] <= cfg.epochs:
         dit.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["opt"])

@@ -148,10 +148,15 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     # must reach large outputs (deltas are ×(10,10,5,5)): in a short run from scratch they get a larger step
     pred = [p for n, p in model.named_parameters()
             if n.startswith("rpn.head.") and not n.startswith(("rpn.head.dyhead_tower", "rpn.head.cls_logits"))]
-    ids = {id(p) for p in pred}
+    text = list(model.language_backbone.parameters())
+    if cfg.text_lr_mult == 0:
+        model.language_backbone.requires_grad_(False)   # frozen: GLIP.train() keeps it in eval mode
+    ids = {id(p) for p in pred + text}
     rest = [p for p in model.parameters() if id(p) not in ids]
-    opt = torch.optim.AdamW([{"params": rest}, {"params": pred, "lr": cfg.lr * cfg.head_lr_mult}], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
+    groups = [{"params": rest}, {"params": pred, "lr": cfg.lr * cfg.head_lr_mult}]
+    if cfg.text_lr_mult > 0:
+        groups.append({"params": text, "lr": cfg.lr * cfg.text_lr_mult})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = min(cfg.warmup_steps, max(total // 5, 1))
     # linear warm-up, then cosine decay to 10 %
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
@@ -220,8 +225,3 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     cleanup()
     return metrics
 
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)

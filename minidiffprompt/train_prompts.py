@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .checkpoint import load_training, read_state_dict, save_training, save_weights, load_strict
+from .checkpoint import load_strict, load_training, read_state_dict, save_training, save_weights, write_json
 from .config import Preset, PromptConfig
 from .distributed import (all_reduce_mean, barrier, cleanup, distributed_loader, init_distributed, is_main, rank,
                           set_epoch, world_size, wrap_ddp)
@@ -247,9 +247,8 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
                "final_loss": history[-1]["loss"] if history else None,
                "train_seconds": round(time.time() - t0, 1)}
     if is_main():
-        (folder / "config.json").write_text(json.dumps({"config": config, "prompt": dataclasses.asdict(cfg)},
-                                                       indent=1))
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        write_json(folder / "config.json", {"config": config, "prompt": dataclasses.asdict(cfg)})
+        write_json(folder / "metrics.json", metrics)
     barrier()
     cleanup()
     return metrics

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from .checkpoint import load_training, save_training, save_weights, write_json
+from .checkpoint import load_training, same_but_epochs, save_training, save_weights, write_json
 from .config import Preset, VAEConfig
 from .distributed import (all_reduce_mean, barrier, cleanup, distributed_loader, init_distributed, is_main, rank,
                           set_epoch, world_size, wrap_ddp)
@@ -125,10 +125,6 @@ def run_config(preset: Preset) -> dict:
     return json.loads(json.dumps({"mask_size": preset.data.mask_size, "vae": dataclasses.asdict(preset.vae)}))
 
 
-def _same_but_epochs(a: dict, b: dict) -> bool:
-    strip = lambda c: {**c, "vae": {k: v for k, v in c["vae"].items() if k != "epochs"}}
-    return strip(a) == strip(b)
-
 
 def main(preset: Preset, data, out, resume: bool = True) -> dict:
     """Train (or resume, or reuse) the Mask-VAE of `preset` on `data`; returns the final metrics."""
@@ -149,7 +145,7 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
     start, history, elapsed = 0, [], 0.0
 
     state = load_training(stage / "checkpoint.pt") if resume else None
-    if state is not None and _same_but_epochs(state["config"], wanted) and state["epoch"] <= cfg.epochs:
+    if state is not None and same_but_epochs(state["config"], wanted, "vae") and state["epoch"] <= cfg.epochs:
         vae.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -87,10 +87,17 @@ def test_tiny_encoder_deterministic_and_informative():
     assert torch.equal(ia, ib) and torch.equal(ta, tb)                          # seeded, frozen
     assert not torch.allclose(ta[0], ta[1], atol=1e-3)                          # word order matters
     assert torch.allclose(a.encode(images, ["The Red Circle."])[1][0], ta[2])   # cleaned like the authors
-    # the image feature is an isometry of the colour grid: moving an object changes it by the grid distance
+    # the image feature is an isometry of the opponent-colour grid: painting a red patch changes it by the grid
+    # distance, while grey (any brightness) maps to the same feature as black
     moved = images.clone()
-    moved[0, :, :16, :16] = 1.0
+    moved[0, :, :16, :16] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]
     im, _ = a.encode(moved, caps)
-    cells = lambda x: torch.nn.functional.adaptive_avg_pool2d(x * 2 - 1, a.grid).flatten(1)  # noqa: E731
+
+    def cells(x):
+        r, g, b = x.unbind(1)
+        return torch.nn.functional.adaptive_avg_pool2d(torch.stack([r - g, b - (r + g) / 2], 1) * 2, a.grid).flatten(1)
+
     assert torch.allclose((im[0] - ia[0]).norm(), (cells(moved)[0] - cells(images)[0]).norm(), rtol=1e-4)
+    grey, black = a.encode(torch.full((1, 3, 96, 96), 0.6), caps[:1])[0], a.encode(torch.zeros(1, 3, 96, 96), caps[:1])[0]
+    assert torch.allclose(grey, black, atol=1e-6)
     assert isinstance(a, TinyConditionEncoder) and not any(p.requires_grad for p in a.parameters())
