@@ -98,8 +98,9 @@ class TinyConditionEncoder(ConditionEncoder):
     """
 
     def __init__(self, dim: int = 128, grid: int = 8, buckets: int = 4096, max_words: int = 16,
-                 decay: float = 0.7, seed: int = 0):
+                 decay: float = 0.7, seed: int = 0, scale: float = 5.0):
         super().__init__()
+        self.scale = scale
         g = torch.Generator().manual_seed(seed)
         self.dim, self.grid, self.buckets, self.max_words, self.decay = dim, grid, buckets, max_words, decay
         n_in = 2 * grid * grid
@@ -130,7 +131,9 @@ class TinyConditionEncoder(ConditionEncoder):
             n = len(ids)
             weights = self.decay ** torch.arange(n, device=device, dtype=torch.float32)
             txt[b] = (weights[:, None] * e).sum(0) + (e * self.position_signs[:n]).sum(0) / n ** 0.5
-        return img, txt
+        # CLIP-sized (its unnormalised embeddings have norms near 10): the DiT adds both to the timestep
+        # embedding (norm ~10), which would otherwise drown a condition of norm ~2
+        return img * self.scale, txt * self.scale
 
 
 def build_condition_encoder(cfg) -> ConditionEncoder:

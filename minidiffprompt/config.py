@@ -49,7 +49,11 @@ class VAEConfig:
 
     @classmethod
     def tiny(cls) -> "VAEConfig":
-        return cls(batch_size=16, epochs=3, cache_masks=True)
+        # 64² masks → 16×16 latents (three blocks, two downsamplings). The synthetic objects cover ~2 % of a mask
+        # (RefCOCO's ~15 %), so the per-pixel MSE is small and the authors' KL weight would let the prior win:
+        # posterior σ near 1, means squeezed together. 1e-5 keeps the latents informative.
+        return cls(block_out_channels=(4, 8, 16), kl_weight=1e-5, lr_gamma=0.8, batch_size=16, epochs=6,
+                   cache_masks=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -84,7 +88,7 @@ class DiTConfig:
 
     @classmethod
     def tiny(cls) -> "DiTConfig":
-        return cls(input_size=8, hidden_size=128, depth=4, num_heads=4, condition="tiny", cond_dim=128,
+        return cls(input_size=16, patch_size=4, hidden_size=128, depth=4, num_heads=4, condition="tiny", cond_dim=128,
                    batch_size=64, epochs=20, lr=1e-3, ema_decay=0.99, cache_latents=True,
                    posterior_sample=False)
 
@@ -136,10 +140,14 @@ class GLIPConfig:
 
     @classmethod
     def tiny(cls) -> "GLIPConfig":
+        # The small BERT has no pre-training to stand on. Trained from scratch on class-name prompts its outputs
+        # collapse (every name token → nearly one vector, cosine > 0.99) and the detector cannot tell the shapes
+        # apart; frozen at its random initialisation (text_lr_mult 0) the tokens stay distinct and the head learns
+        # to read them. Shape discrimination emerges only after ~6 epochs, hence 12.
         return cls(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, drop_path_rate=0.0,
                    fpn_channels=32, fpn_drop_block=0.0, dyhead_blocks=1, anchor_scale=2.0, text_model="",
                    text_hidden=64, text_layers=4, text_heads=2, max_query_len=32, lr=2e-3, head_lr_mult=10.0,
-                   shuffle_prompt=False, batch_size=16, epochs=4, eval_max_items=200)
+                   text_lr_mult=0.0, batch_size=16, epochs=12, eval_max_items=200)
 
 
 # ----------------------------------------------------------------------------------------------------------------

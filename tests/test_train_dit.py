@@ -10,7 +10,8 @@ from minidiffprompt.checkpoint import save_weights
 from minidiffprompt.config import get_preset
 from minidiffprompt.diffusion import GaussianDiffusion, get_betas
 from minidiffprompt.dit import load_dit
-from minidiffprompt.vae import MaskVAE, diffusers_config
+from minidiffprompt.train_vae import build_vae
+from minidiffprompt.vae import diffusers_config
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def _preset(epochs=2):
 
 
 def _stage1(out):
-    vae = MaskVAE()           # untrained stand-in: this test is about the plumbing, not the quality
+    vae = build_vae(get_preset("tiny").vae)   # untrained stand-in: this test is about the plumbing, not the quality
     save_weights(vae.state_dict(), out / "vae" / "model.safetensors")
     (out / "vae" / "config.json").write_text(json.dumps(diffusers_config(vae)))
 
@@ -50,7 +51,7 @@ def test_train_resume_and_reuse(tmp_path, data, monkeypatch):
     assert m2["epochs"] == 2 and m2["history"][0] == m1["history"][0]
     assert set(m2) >= {"val_iou", "val_iou_shuffled", "train_seconds", "parameters"}
     assert train_dit.main(_preset(epochs=2), data, out) == m2  # finished: stored metrics, no training
-    arch = dict(input_size=8, hidden_size=32, depth=1, num_heads=2, cond_dim=32)
+    arch = dict(input_size=16, patch_size=4, hidden_size=32, depth=1, num_heads=2, cond_dim=32)
     ema = load_dit(out / "dit" / "model.safetensors", **arch)    # EMA weights, strict
     raw = load_dit(out / "dit" / "checkpoint.pt", which="model", **arch)
     saved_ema = torch.load(out / "dit" / "checkpoint.pt", weights_only=True)["ema"]
