@@ -136,6 +136,17 @@ def save_training(path, **state) -> Path:
     return atomic_save(state, path)
 
 
+def restore_training(state: dict, generator: torch.Generator | None = None, **stateful) -> None:
+    """Resume from a `save_training` state: each keyword's object loads `state[keyword]` (model, optimizer,
+    scheduler, EMA...); with `generator`, the data-order generator and torch's global RNG are restored too
+    (saved as `shuffle_rng` and `torch_rng`)."""
+    for name, obj in stateful.items():
+        obj.load_state_dict(state[name])
+    if generator is not None:
+        generator.set_state(state["shuffle_rng"])
+        torch.set_rng_state(state["torch_rng"])
+
+
 def load_training(path) -> dict | None:
     """The training state written by `save_training`, or None when there is none yet (fresh run)."""
     path = Path(path)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .checkpoint import load_training, same_but_epochs, save_training, save_weights, write_json
+from .checkpoint import load_training, restore_training, same_but_epochs, save_training, save_weights, write_json
 from .conditions import ConditionEncoder, build_condition_encoder
 from .config import DiTConfig, Preset
 from .diffusion import GaussianDiffusion, get_betas
@@ -231,11 +231,7 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
 
     state = load_training(stage / "checkpoint.pt") if resume else None
     if state is not None and same_but_epochs(state["config"], wanted, "dit") and state["epoch"] <= cfg.epochs:
-        dit.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["opt"])
-        generator.set_state(state["shuffle_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        restore_training(state, generator, model=dit, ema=ema, opt=optimizer)
         start, history, elapsed, steps = state["epoch"], state["history"], state["seconds"], state["steps"]
         if is_main():
             print(f"train-dit: resuming {stage / 'checkpoint.pt'} after epoch {start}")

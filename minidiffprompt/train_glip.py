@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_training, save_training, save_weights, write_json
+from .checkpoint import load_training, restore_training, save_training, save_weights, write_json
 from .config import Preset
 from .data import DetectionDataset, RefExpDataset, collate
 from .distributed import all_reduce_mean, barrier, cleanup, init_distributed, is_main, rank, world_size, wrap_ddp
@@ -164,9 +164,7 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     start, history, elapsed = 0, [], 0.0
     state = load_training(folder / "checkpoint.pt") if resume else None
     if state is not None and state.get("config") == config:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
+        restore_training(state, model=model, opt=opt, sched=sched)
         start, history, elapsed = state["epoch"], state["history"], state["elapsed"]
     ddp = wrap_ddp(model, device, find_unused_parameters=True)   # rpn.head.cls_logits never gets a gradient
     rng = random.Random(cfg.seed)

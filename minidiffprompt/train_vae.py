@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from .checkpoint import load_training, same_but_epochs, save_training, save_weights, write_json
+from .checkpoint import load_training, restore_training, same_but_epochs, save_training, save_weights, write_json
 from .config import Preset, VAEConfig
 from .distributed import (all_reduce_mean, barrier, cleanup, distributed_loader, init_distributed, is_main, rank,
                           set_epoch, world_size, wrap_ddp)
@@ -146,11 +146,7 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
 
     state = load_training(stage / "checkpoint.pt") if resume else None
     if state is not None and same_but_epochs(state["config"], wanted, "vae") and state["epoch"] <= cfg.epochs:
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["shuffle_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        restore_training(state, generator, model=vae, optimizer=optimizer, scheduler=scheduler)
         start, history, elapsed = state["epoch"], state["history"], state["seconds"]
         if is_main():
             print(f"train-vae: resuming {stage / 'checkpoint.pt'} after epoch {start}", flush=True)
