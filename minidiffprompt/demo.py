@@ -71,22 +71,21 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
 # Report
 
 
-def _savefig(fig, path: Path) -> str:
+def _savefig(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
-    return path.name
 
 
-def figure_data(root: Path, preset: Preset, path: Path) -> str:
+def figure_data(root: Path, preset: Preset, path: Path) -> None:
     from .data import RefExpDataset
     from .figures import plot_samples
     ds = RefExpDataset(root, "val", preset.data.image_size, mask_size=preset.data.mask_size)
-    return _savefig(plot_samples(ds, n=6, seed=0), path)
+    _savefig(plot_samples(ds, n=6, seed=0), path)
 
 
 @torch.no_grad()
-def figure_vae(root: Path, preset: Preset, out: Path, path: Path) -> str:
+def figure_vae(root: Path, preset: Preset, out: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
     from .data import MaskDataset
     from .vae import load_mask_vae
@@ -102,11 +101,11 @@ def figure_vae(root: Path, preset: Preset, out: Path, path: Path) -> str:
         a.set_axis_off()
     axes[0, 0].set_title("mask", fontsize=9, loc="left")
     axes[1, 0].set_title("VAE reconstruction (posterior mean)", fontsize=9, loc="left")
-    return _savefig(fig, path)
+    _savefig(fig, path)
 
 
 @torch.no_grad()
-def figure_ddim_masks(root: Path, preset: Preset, out: Path, path: Path, n: int = 4) -> str:
+def figure_ddim_masks(root: Path, preset: Preset, out: Path, path: Path, n: int = 4) -> None:
     """Per expression: the image with its box, the true mask, and the decoded DDIM latent of every prompt layer."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
@@ -135,10 +134,10 @@ def figure_ddim_masks(root: Path, preset: Preset, out: Path, path: Path, n: int 
         axes[0, 2 + layer].set_title(f"layer {layer}" + (" (x̂₀)" if layer == 0 else ""), fontsize=8)
     for a in axes.flat:
         a.set_axis_off()
-    return _savefig(fig, path)
+    _savefig(fig, path)
 
 
-def figure_curves(out: Path, path: Path) -> str:
+def figure_curves(out: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     for ax, stage, title in zip(axes[:3], ("vae", "dit", "glip"),
@@ -164,10 +163,10 @@ def figure_curves(out: Path, path: Path) -> str:
     axes[3].set_xlabel("optimiser step")
     axes[3].legend(fontsize=7)
     fig.tight_layout()
-    return _savefig(fig, path)
+    _savefig(fig, path)
 
 
-def figure_results(results: dict, path: Path) -> str:
+def figure_results(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     splits = list(next(iter(results.values())))
     fig, ax = plt.subplots(figsize=(7, 3.4))
@@ -178,7 +177,7 @@ def figure_results(results: dict, path: Path) -> str:
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(splits))], splits)
     ax.set_ylabel("R@1 (%)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
-    return _savefig(fig, path)
+    _savefig(fig, path)
 
 
 def write_report(preset: Preset, root: Path, out: Path, results: dict, timings: dict) -> Path:
@@ -190,13 +189,11 @@ def write_report(preset: Preset, root: Path, out: Path, results: dict, timings: 
     table = {m: {s: {k: round(v[k], 2) for k in ("R@1", "R@5", "UB")} for s, v in per.items()}
              for m, per in results.items()}
     write_json(out / "results.json", table)
-    names = {
-        "data": figure_data(root, preset, figs / "data_samples.png"),
-        "vae": figure_vae(root, preset, out, figs / "vae_reconstructions.png"),
-        "ddim": figure_ddim_masks(root, preset, out, figs / "ddim_masks.png"),
-        "curves": figure_curves(out, figs / "training_curves.png"),
-        "results": figure_results(table, figs / "results.png"),
-    }
+    figure_data(root, preset, figs / "data_samples.png")
+    figure_vae(root, preset, out, figs / "vae_reconstructions.png")
+    figure_ddim_masks(root, preset, out, figs / "ddim_masks.png")
+    figure_curves(out, figs / "training_curves.png")
+    figure_results(table, figs / "results.png")
     (figs / "qualitative.png").write_bytes((out / "eval" / "qualitative.png").read_bytes())
     stage = {s: json.loads((out / s / "metrics.json").read_text()) for s in ("vae", "dit", "glip")}
     prompts = {f.name: json.loads((f / "metrics.json").read_text()) for f in sorted((out / "prompts").glob("*"))
