@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -46,6 +45,7 @@ from .data import glip_normalize
 from .dit import dit_from_config
 from .glip import GLIP
 from .bert import tokenize
+from .checkpoint import write_json
 from .prompting import DiffPromptGenerator, freeze, seeded_noise
 from .runtime import autocast, pick_device
 from .vae import MaskVAE
@@ -107,7 +107,12 @@ class Bench:
     heavy_s: float = 3.0           # a first call slower than this is the measurement itself (no more repeats)
     ddim_steps: int = 25           # DDIM steps actually run; fewer on CPU, scaled to 25
     compile: bool = False
+    path: Path | None = None       # the JSON, rewritten after every measurement so a crash keeps what was measured
     results: dict = dataclasses.field(default_factory=lambda: {"stages": {}, "fast_paths": {}, "options": {}})
+
+    def save(self):
+        if self.path is not None:
+            write_json(self.path, self.results)
 
     def sync(self):
         if self.device.type == "cuda":
@@ -145,6 +150,7 @@ class Bench:
         stats, _ = self.measure(fn, items)
         stats.update(extra)
         self.results["stages"][name] = stats
+        self.save()
         print(f"{name:28s} {stats['seconds_per_item'] * 1e3:10.1f} ms/item {stats['items_per_second']:9.2f} items/s "
               f"peak {stats['peak_memory_mb']:8.0f} MB (+{stats['memory_increase_mb']:.0f})", flush=True)
         return stats
@@ -158,6 +164,7 @@ class Bench:
               "memory_increase_mb": max(m["memory_increase_mb"] for m in measured),
               "extrapolated": True, "parts_s": {k: round(v, 5) for k, v in parts.items()}, "note": note}
         self.results["stages"][name] = st
+        self.save()
         print(f"{name:28s} {st['seconds_per_item'] * 1e3:10.1f} ms/item {st['items_per_second']:9.2f} items/s "
               f"peak {st['peak_memory_mb']:8.0f} MB (+{st['memory_increase_mb']:.0f})  ({note})", flush=True)
         return st
@@ -173,6 +180,7 @@ class Bench:
             d = float(diff(out_f, out_s))
             entry["max_abs_diff"] = d if math.isfinite(d) else None
         self.results["fast_paths"][name] = entry
+        self.save()
         d = entry.get("max_abs_diff")
         agree = "" if diff is None else f"  max|Δ| {d:.1e}" if d is not None else "  max|Δ| not finite"
         print(f"  {name:34s} {f['seconds_per_call'] * 1e3:9.1f} ms vs {s['seconds_per_call'] * 1e3:9.1f} ms  "
@@ -181,6 +189,7 @@ class Bench:
 
     def skip(self, name: str, why: str):
         self.results["fast_paths"][name] = {"skipped": why}
+        self.save()
         print(f"  {name:34s} skipped: {why}", flush=True)
 
 
@@ -648,7 +657,7 @@ def main(preset: Preset, data, out, resume: bool = True, batch: int | None = Non
                   ddim_steps=preset.prompt.ddim_steps if full else _env_int("MDP_BENCH_DDIM_STEPS", 2),
                   compile=bool(_env_int("MDP_BENCH_COMPILE", 0)) if compile is None else compile)
     out = Path(out) if out is not None else Path("runs") / preset.name
-    path = out if out.suffix == ".json" else out / "bench.json"
+    bench.path = out if out.suffix == ".json" else out / "bench.json"
     torch.manual_seed(0)
     # random weights score below GLIP's 0.05 threshold: with 0 the decoder does a trained model's work
     preset = dataclasses.replace(preset, glip=dataclasses.replace(preset.glip, inference_th=0.0))
@@ -657,7 +666,7 @@ def main(preset: Preset, data, out, resume: bool = True, batch: int | None = Non
         batch_ = make_batch(preset, bench.batch, device)
         name = torch.cuda.get_device_name(device) if not cpu else f"CPU ({os.cpu_count()} cores, "             f"{torch.get_num_threads()} torch threads, {platform.machine()})"
         r = bench.results
-        r.update(device=name, torch=torch.__version__, preset=preset.name, batch=bench.batch, float32=True,
+        r.update(complete=False, device=name, torch=torch.__version__, preset=preset.name, batch=bench.batch, float32=True,
                  sizes={"image": preset.data.image_size, "mask": preset.data.mask_size,
                         "latent": [4, preset.dit.input_size, preset.dit.input_size],
                         "text_tokens": preset.glip.max_query_len, "prompt_depth": preset.prompt.depth,
@@ -681,11 +690,8 @@ def main(preset: Preset, data, out, resume: bool = True, batch: int | None = Non
         bench_stage3(bench, preset, m, batch_, prompter, latents, sampling_s)
         bench_loader(bench, preset, data, Path(tmp))
         bench_precision(bench, m, batch_, img, txt)
-    r["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_name(path.name + ".tmp")
-    tmp_path.write_text(json.dumps(r, indent=1))
-    os.replace(tmp_path, path)
+    r.update(complete=True, total_seconds=round(time.perf_counter() - t_start, 1))
+    bench.save()
     print(f"bench: {r['total_seconds']:.0f} s in all")
-    print(path)
+    print(bench.path)
     return r
