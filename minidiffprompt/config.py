@@ -52,7 +52,7 @@ class VAEConfig:
         # 64² masks → 16×16 latents (three blocks, two downsamplings). The synthetic objects cover ~2 % of a mask
         # (RefCOCO's ~15 %), so the per-pixel MSE is small and the authors' KL weight would let the prior win:
         # posterior σ near 1, means squeezed together. 1e-5 keeps the latents informative.
-        return cls(block_out_channels=(4, 8, 16), kl_weight=1e-5, lr_gamma=0.8, batch_size=16, epochs=6,
+        return cls(block_out_channels=(4, 8, 16), kl_weight=1e-5, lr_gamma=0.8, batch_size=16, epochs=5,
                    cache_masks=True)
 
 
@@ -82,6 +82,7 @@ class DiTConfig:
     ema_decay: float = 0.9999
     cache_latents: bool = False    # encode masks (posterior mean, σ) and condition features once per run
     posterior_sample: bool = True  # x_0 ~ q(z | mask) as the authors; False: x_0 = its mean (noisy tiny VAEs)
+    x0_weight_cap: float = 1.0     # ε-MSE weight clamp((1-ᾱ)/ᾱ, 1, cap): 1 = the authors' loss (diffusion.py)
     ddim_steps: int = 25           # generation check after training (training schedule, η = 0)
     eval_items: int = 1000         # val pairs in that check (0 = all)
     seed: int = 0
@@ -90,7 +91,7 @@ class DiTConfig:
     def tiny(cls) -> "DiTConfig":
         return cls(input_size=16, patch_size=4, hidden_size=128, depth=4, num_heads=4, condition="tiny", cond_dim=128,
                    batch_size=64, epochs=20, lr=1e-3, ema_decay=0.99, cache_latents=True,
-                   posterior_sample=False)
+                   posterior_sample=False, x0_weight_cap=20.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

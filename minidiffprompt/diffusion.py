@@ -167,9 +167,14 @@ class GaussianDiffusion:
         nll = _mean_flat(nll) / math.log(2.0)
         return torch.where(t.to(xt.device) == 0, nll, kl)
 
-    def training_losses(self, model_fn, x0, t, noise=None) -> dict:
-        """loss = ‖ε - ε̂‖² (mean over C, H, W; DDPM eq. 14) + L_vb with ε̂ detached, so L_vb trains only the
-        variance channels (IDDPM §3.1, L_hybrid with λ = 1 as the authors ran it; MSE, not RESCALED_MSE)."""
+    def training_losses(self, model_fn, x0, t, noise=None, x0_weight_cap: float = 1.0) -> dict:
+        """loss = w_t·‖ε - ε̂‖² (mean over C, H, W; DDPM eq. 14) + L_vb with ε̂ detached, so L_vb trains only the
+        variance channels (IDDPM §3.1, L_hybrid with λ = 1 as the authors ran it; MSE, not RESCALED_MSE).
+
+        w_t = clamp((1-ᾱ_t)/ᾱ_t, 1, x0_weight_cap); the default cap 1 gives the authors' w_t = 1. Since
+        x_0 - x̂_0 = √((1-ᾱ_t)/ᾱ_t)·(ε̂ - ε), w_t·ε-MSE is the x̂_0 error wherever noise outweighs signal (1/SNR > 1)
+        up to the cap: there plain ε-MSE hardly cares where x̂_0 puts the object, so a model learns to ignore
+        its condition; the weight makes those steps count (`mse` stays the unweighted ε-MSE)."""
         noise = torch.randn_like(x0) if noise is None else noise
         xt = self.q_sample(x0, t, noise)
         out = model_fn(xt, t)                                           # (B, 2C, H, W)
@@ -178,7 +183,10 @@ class GaussianDiffusion:
         eps, v = out[:, :C], out[:, C:]
         vb = self.vb_terms_bpd(torch.cat([eps.detach(), v], dim=1), x0, xt, t)   # stop-gradient on the mean
         mse = _mean_flat((noise - eps) ** 2)
-        return {"loss": mse + vb, "mse": mse, "vb": vb}
+        weight = 1.0
+        if x0_weight_cap != 1.0:
+            weight = _gather(np.clip(1 / self.alphas_cumprod - 1, 1.0, x0_weight_cap), t, mse)
+        return {"loss": weight * mse + vb, "mse": mse, "vb": vb}
 
     # ---- DDIM sampling (spec §3.2, §3.4) ----------------------------------------------------------------------
 

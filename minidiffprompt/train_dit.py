@@ -260,7 +260,8 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
                        desc=f"epoch {epoch + 1}/{cfg.epochs}")
         for x0, img, txt in bar:
             t = torch.randint(0, diffusion.num_timesteps, (len(x0),), device=device)   # uniform t (spec §2.5)
-            losses = diffusion.training_losses(lambda x, tt: model(x, tt, img, txt), x0, t)
+            losses = diffusion.training_losses(lambda x, tt: model(x, tt, img, txt), x0, t,
+                                               x0_weight_cap=cfg.x0_weight_cap)
             loss = losses["loss"].mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

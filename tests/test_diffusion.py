@@ -109,6 +109,24 @@ def test_loss_terms_and_stop_gradient():
     assert torch.count_nonzero(out.grad[:, :4]) == 0 and torch.count_nonzero(out.grad[:, 4:]) > 0
 
 
+def test_x0_weighted_loss_is_the_x0_error_where_noise_dominates():
+    d = GaussianDiffusion(get_betas("linear", 100))
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(4, 4, 4, 4, generator=g, dtype=torch.float64)
+    noise = torch.randn(4, 4, 4, 4, generator=g, dtype=torch.float64)
+    out = torch.randn(4, 8, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([3, 30, 45, 90])           # 1/SNR = (1-ᾱ)/ᾱ: ≈0.01, 1.7, 7.3, ≈7e3
+    plain = d.training_losses(lambda x, tt: out, x0, t, noise)
+    assert torch.equal(plain["loss"], plain["mse"] + plain["vb"])              # cap 1: the authors' loss
+    weighted = d.training_losses(lambda x, tt: out, x0, t, noise, x0_weight_cap=20.0)
+    assert torch.equal(weighted["mse"], plain["mse"]) and torch.equal(weighted["vb"], plain["vb"])
+    x0_err = ((d.predict_x0_from_eps(d.q_sample(x0, t, noise), t, out[:, :4]) - x0) ** 2).mean((1, 2, 3))
+    w = weighted["loss"] - weighted["vb"]
+    assert torch.allclose(w[0], plain["mse"][0])                                # signal dominates: weight 1
+    assert torch.allclose(w[1:3], x0_err[1:3])                                  # 1 < 1/SNR < cap: the x̂_0 error
+    assert torch.allclose(w[3], 20 * plain["mse"][3])                           # capped
+
+
 def test_discretized_likelihood_is_a_distribution_over_bins():
     # 256 bins of width 2/255 on [-1, 1] (edges open-ended): their probabilities sum to 1
     bins = torch.linspace(-1, 1, 256, dtype=torch.float64)
