@@ -664,9 +664,11 @@ def main(preset: Preset, data, out, resume: bool = True, batch: int | None = Non
     with tempfile.TemporaryDirectory() as tmp:
         m = build_models(preset, word_vocab(Path(tmp) / "vocab.txt"), device)
         batch_ = make_batch(preset, bench.batch, device)
-        name = torch.cuda.get_device_name(device) if not cpu else f"CPU ({os.cpu_count()} cores, "             f"{torch.get_num_threads()} torch threads, {platform.machine()})"
+        name = torch.cuda.get_device_name(device) if not cpu else (
+            f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {platform.machine()})")
         r = bench.results
-        r.update(complete=False, device=name, torch=torch.__version__, preset=preset.name, batch=bench.batch, float32=True,
+        r.update(complete=False, device=name, torch=torch.__version__, preset=preset.name, batch=bench.batch,
+                 float32=True,
                  sizes={"image": preset.data.image_size, "mask": preset.data.mask_size,
                         "latent": [4, preset.dit.input_size, preset.dit.input_size],
                         "text_tokens": preset.glip.max_query_len, "prompt_depth": preset.prompt.depth,

@@ -172,9 +172,9 @@ class GaussianDiffusion:
         variance channels (IDDPM §3.1, L_hybrid with λ = 1 as the authors ran it; MSE, not RESCALED_MSE).
 
         w_t = clamp((1-ᾱ_t)/ᾱ_t, 1, x0_weight_cap); the default cap 1 gives the authors' w_t = 1. Since
-        x_0 - x̂_0 = √((1-ᾱ_t)/ᾱ_t)·(ε̂ - ε), w_t·ε-MSE is the x̂_0 error wherever noise outweighs signal (1/SNR > 1)
-        up to the cap: there plain ε-MSE hardly cares where x̂_0 puts the object, so a model learns to ignore
-        its condition; the weight makes those steps count (`mse` stays the unweighted ε-MSE)."""
+        x_0 - x̂_0 = √((1-ᾱ_t)/ᾱ_t)·(ε̂ - ε), w_t·ε-MSE is the x̂_0 error wherever noise outweighs signal
+        (1/SNR > 1), up to the cap. There plain ε-MSE hardly cares where x̂_0 puts the object, so a model can
+        ignore its condition; the weight makes those steps count (`mse` stays the unweighted ε-MSE)."""
         noise = torch.randn_like(x0) if noise is None else noise
         xt = self.q_sample(x0, t, noise)
         out = model_fn(xt, t)                                           # (B, 2C, H, W)
