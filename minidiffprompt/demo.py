@@ -225,7 +225,7 @@ def write_report(preset: Preset, root: Path, out: Path, results: dict, timings: 
         "sample x̂₀, deeper layers noisier), next to the true mask.", "",
         "![curves](figures/training_curves.png)", "", "Training curves of every stage.", "",
         "![qualitative](figures/qualitative.png)", "", "Top box per expression (val), dashed: ground truth.", "",
-        "## Time per step (s)", "", "| step | seconds |", "|---|---|",
+        "## Time per stage (s)", "", "| stage | seconds |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in timings.items()], "",
     ]
     write_text(out / "report.md", "\n".join(lines))
