@@ -7,6 +7,7 @@ unpickling) or through safetensors.
 from __future__ import annotations
 
 import ast
+import json
 import os
 from pathlib import Path
 
@@ -39,7 +40,6 @@ def write_text(path, text: str) -> Path:
 
 def write_json(path, obj) -> Path:
     """Write `obj` as indented JSON, atomically (a config.json written last marks a stage as complete)."""
-    import json
     return write_text(path, json.dumps(obj, indent=2))
 
 

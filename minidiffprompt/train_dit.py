@@ -163,7 +163,6 @@ def run_config(preset: Preset) -> dict:
                                   "dit": dataclasses.asdict(preset.dit)}))
 
 
-
 @torch.no_grad()
 def update_ema(ema: DiT, model: DiT, decay: float):
     """θ_ema ← decay·θ_ema + (1 - decay)·θ after every optimiser step (DiT train.py)."""

@@ -222,4 +222,3 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     barrier()
     cleanup()
     return metrics
-

@@ -125,7 +125,6 @@ def run_config(preset: Preset) -> dict:
     return json.loads(json.dumps({"mask_size": preset.data.mask_size, "vae": dataclasses.asdict(preset.vae)}))
 
 
-
 def main(preset: Preset, data, out, resume: bool = True) -> dict:
     """Train (or resume, or reuse) the Mask-VAE of `preset` on `data`; returns the final metrics."""
     cfg, stage = preset.vae, Path(out) / "vae"

@@ -98,6 +98,7 @@ def test_tiny_encoder_deterministic_and_informative():
         return torch.nn.functional.adaptive_avg_pool2d(torch.stack([r - g, b - (r + g) / 2], 1) * 2, a.grid).flatten(1)
 
     assert torch.allclose((im[0] - ia[0]).norm(), a.scale * (cells(moved)[0] - cells(images)[0]).norm(), rtol=1e-4)
-    grey, black = a.encode(torch.full((1, 3, 96, 96), 0.6), caps[:1])[0], a.encode(torch.zeros(1, 3, 96, 96), caps[:1])[0]
+    grey = a.encode(torch.full((1, 3, 96, 96), 0.6), caps[:1])[0]
+    black = a.encode(torch.zeros(1, 3, 96, 96), caps[:1])[0]
     assert torch.allclose(grey, black, atol=1e-6)
     assert isinstance(a, TinyConditionEncoder) and not any(p.requires_grad for p in a.parameters())
