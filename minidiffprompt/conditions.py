@@ -2,7 +2,7 @@
 `dim` wide (spec/DIFF_PROMPT_STAGES.md §2.4). Frozen; features computed once per batch under no_grad.
 
     enc = build_condition_encoder(preset.dit)          # CLIP ViT-B/32 (paper) or the tiny encoder
-    img, txt = enc.encode(images01, captions)          # (B, dim), (B, dim)
+    img, txt = enc.encode(images01, captions)          # (B, dim), (B, dim); tiny with image_map: (B, 3, s, s)
 
 `images01` are RGB in [0, 1] (the dataset's tensors); captions are raw expressions, cleaned here with the
 authors' `pre_caption` (text.clean_caption).
@@ -95,12 +95,16 @@ class TinyConditionEncoder(ConditionEncoder):
     comes first in a referring expression) plus Σ_i e(w_i) ⊙ s_i with a random ±1 sign vector s_i per position
     (which word stands where), divided by √n. Everything comes from `seed`, so the same words always give the
     same feature and nothing needs a vocabulary or a download.
+
+    With `map_size` > 0 the image feature is instead the image itself, area-resized to map_size² and centred
+    ((x − 0.5)·4, RGB): a (B, 3, map_size, map_size) map for a DiT with `image_map` (dit.py), which lets every
+    latent patch see what lies under it.
     """
 
     def __init__(self, dim: int = 128, grid: int = 8, buckets: int = 4096, max_words: int = 16,
-                 decay: float = 0.7, seed: int = 0, scale: float = 5.0):
+                 decay: float = 0.7, seed: int = 0, scale: float = 5.0, map_size: int = 0):
         super().__init__()
-        self.scale = scale
+        self.scale, self.map_size = scale, map_size
         g = torch.Generator().manual_seed(seed)
         self.dim, self.grid, self.buckets, self.max_words, self.decay = dim, grid, buckets, max_words, decay
         n_in = 2 * grid * grid
@@ -118,10 +122,14 @@ class TinyConditionEncoder(ConditionEncoder):
     @torch.no_grad()
     def encode(self, images01, captions):
         device = self.image_proj.device
-        r, g, b = images01.to(device, torch.float32).unbind(1)
-        opponent = torch.stack([r - g, b - (r + g) / 2], dim=1) * 2              # (B, 2, H, W), grey → 0
-        cells = F.adaptive_avg_pool2d(opponent, self.grid)                       # (B, 2, g, g)
-        img = rearrange(cells, "b c h w -> b (c h w)") @ self.image_proj         # (B, dim)
+        images01 = images01.to(device, torch.float32)
+        if self.map_size:
+            img = (F.adaptive_avg_pool2d(images01, self.map_size) - 0.5) * 4     # (B, 3, s, s)
+        else:
+            r, g, b = images01.unbind(1)
+            opponent = torch.stack([r - g, b - (r + g) / 2], dim=1) * 2          # (B, 2, H, W), grey → 0
+            cells = F.adaptive_avg_pool2d(opponent, self.grid)                   # (B, 2, g, g)
+            img = rearrange(cells, "b c h w -> b (c h w)") @ self.image_proj * self.scale   # (B, dim)
         txt = torch.zeros(len(captions), self.dim, device=device)
         for b, caption in enumerate(captions):
             ids = self.word_ids(caption)
@@ -133,15 +141,17 @@ class TinyConditionEncoder(ConditionEncoder):
             txt[b] = (weights[:, None] * e).sum(0) + (e * self.position_signs[:n]).sum(0) / n ** 0.5
         # CLIP-sized (its unnormalised embeddings have norms near 10): the DiT adds both to the timestep
         # embedding (norm ~10), which would otherwise drown a condition of norm ~2
-        return img * self.scale, txt * self.scale
+        return img, txt * self.scale
 
 
 def build_condition_encoder(cfg) -> ConditionEncoder:
     """The encoder named by a `config.DiTConfig` (`condition`: "clip" or "tiny"); its `dim` must be cond_dim."""
     if cfg.condition == "clip":
+        if cfg.image_map:
+            raise ValueError("image_map needs the tiny condition encoder (CLIP gives one global image feature)")
         enc = CLIPConditionEncoder(cfg.clip_path)
     elif cfg.condition == "tiny":
-        enc = TinyConditionEncoder(dim=cfg.cond_dim, seed=0)
+        enc = TinyConditionEncoder(dim=cfg.cond_dim, seed=0, map_size=cfg.input_size if cfg.image_map else 0)
     else:
         raise ValueError(f"unknown condition encoder {cfg.condition!r}: use 'clip' or 'tiny'")
     if enc.dim != cfg.cond_dim:

@@ -73,6 +73,7 @@ class DiTConfig:
     condition: str = "clip"        # "clip" (ViT-B/32 via transformers) or "tiny" (no download)
     clip_path: str = "openai/clip-vit-base-patch32"  # local folder or HF-cache name; never downloaded
     cond_dim: int = 512
+    image_map: bool = False        # tiny option: the image as a map beside x_t instead of a global feature
     diffusion_steps: int = 100
     noise_schedule: str = "linear"  # training schedule (spec §3.1)
     lr: float = 1e-4
@@ -90,7 +91,7 @@ class DiTConfig:
     @classmethod
     def tiny(cls) -> "DiTConfig":
         return cls(input_size=16, patch_size=4, hidden_size=128, depth=4, num_heads=4, condition="tiny", cond_dim=128,
-                   batch_size=64, epochs=20, lr=1e-3, ema_decay=0.99, cache_latents=True,
+                   image_map=True, batch_size=64, epochs=20, lr=3e-3, ema_decay=0.99, cache_latents=True,
                    posterior_sample=False, x0_weight_cap=20.0)
 
 

@@ -216,7 +216,8 @@ def write_report(preset: Preset, root: Path, out: Path, results: dict, timings: 
         "## The stages", "",
         f"* Mask-VAE: val IoU of the reconstructed masks {stage['vae'].get('val_iou', float('nan')):.3f}.",
         f"* DiT: IoU of DDIM-generated masks with the true mask {stage['dit'].get('val_iou', float('nan')):.3f} "
-        f"(with shuffled conditions: {stage['dit'].get('val_iou_shuffled', float('nan')):.3f}).",
+        f"(with shuffled conditions: {stage['dit'].get('val_iou_shuffled', float('nan')):.3f}; with shuffled "
+        f"captions only: {stage['dit'].get('val_iou_caption_shuffled', float('nan')):.3f}).",
         f"* GLIP pre-training: held-out detection R@1 {stage['glip'].get('detection_R@1', float('nan')):.1f}.", "",
         "![data](figures/data_samples.png)", "", "Data: validation samples (positive span in brackets).", "",
         "![VAE](figures/vae_reconstructions.png)", "", "Stage 1: masks and their reconstructions.", "",

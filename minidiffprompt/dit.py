@@ -8,6 +8,9 @@ checkpoint (`model` / `ema` entries) and the HF export load strictly (spec/keys/
 
     dit = load_dit("0094200.pt", which="model")       # what stage 3 of the authors used
     out = dit(x_t, t, image_features, text_features)  # (B, 8, 28, 28): ε̂ (4 channels) + variance values v (4)
+
+The tiny preset's `image_channels=3` (DiTConfig.image_map) is not the authors' design: the image, resized to the
+latent grid, is concatenated to x_t instead, and the image half of c is zero.
 """
 from __future__ import annotations
 
@@ -139,7 +142,7 @@ class DiT(nn.Module):
     """Diffusion model with a Transformer backbone, conditioned on (image feature, caption feature)."""
 
     def __init__(self, input_size=28, patch_size=2, in_channels=4, hidden_size=512, depth=12, num_heads=8,
-                 mlp_ratio=4.0, learn_sigma=True, cond_dim=512):
+                 mlp_ratio=4.0, learn_sigma=True, cond_dim=512, image_channels=0):
         super().__init__()
         if cond_dim != hidden_size:
             # the features are *added* to the timestep embedding, so they must have its width (spec §2.2 step 3)
@@ -153,8 +156,11 @@ class DiT(nn.Module):
         self.patch_size = patch_size
         self.input_size = input_size
         self.num_heads = num_heads
+        # 0: the authors' global image feature. > 0 (a tiny-preset option, not the paper's): the image comes as a
+        # map of that many channels on the latent grid, concatenated to x_t before the patch embedding
+        self.image_channels = image_channels
 
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.x_embedder = PatchEmbed(patch_size, in_channels + image_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         num_patches = (input_size // patch_size) ** 2
         # fixed sin-cos positions, stored (a frozen Parameter is part of the state dict, spec §2.2 step 1)
@@ -199,7 +205,11 @@ class DiT(nn.Module):
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=g, w=g, p=self.patch_size, q=self.patch_size)
 
     def forward(self, x, t, image_features, text_features):
-        """x: (B, C, H, W) noisy latent x_t, t: (B,) integer timesteps, features: (B, hidden) each."""
+        """x: (B, C, H, W) noisy latent x_t, t: (B,) integer timesteps, features: (B, hidden) each; with
+        image_channels the image feature is a (B, image_channels, H, W) map instead."""
+        if self.image_channels:                                   # spatial condition: each token sees its image patch
+            x = torch.cat([x, image_features.to(x.dtype)], dim=1)
+            image_features = torch.zeros_like(text_features)      # the adaLN condition keeps only the caption
         x = self.x_embedder(x) + self.pos_embed                   # (B, N, D)
         t_emb = self.t_embedder(t)                                # (B, D)
         c = torch.cat([image_features + t_emb, text_features + t_emb], dim=1).to(x.dtype)   # (B, 2D)
@@ -254,11 +264,15 @@ def DiT_My_2(**kwargs):
 DiT_models = {"DiT-My/2": DiT_My_2}
 
 
+def dit_arch(cfg) -> dict:
+    """The DiT constructor arguments of a `config.DiTConfig` (paper or tiny preset)."""
+    return dict(input_size=cfg.input_size, patch_size=cfg.patch_size, in_channels=4, hidden_size=cfg.hidden_size,
+                depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, learn_sigma=cfg.learn_sigma,
+                cond_dim=cfg.cond_dim, image_channels=3 if cfg.image_map else 0)
+
+
 def dit_from_config(cfg) -> DiT:
-    """A DiT built from a `config.DiTConfig` (paper or tiny preset)."""
-    return DiT(input_size=cfg.input_size, patch_size=cfg.patch_size, in_channels=4, hidden_size=cfg.hidden_size,
-               depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, learn_sigma=cfg.learn_sigma,
-               cond_dim=cfg.cond_dim)
+    return DiT(**dit_arch(cfg))
 
 
 def _read_raw_training_checkpoint(path: Path) -> dict:

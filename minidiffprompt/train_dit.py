@@ -31,7 +31,7 @@ from .config import DiTConfig, Preset
 from .diffusion import GaussianDiffusion, get_betas
 from .distributed import (all_reduce_mean, barrier, cleanup, distributed_loader, init_distributed, is_main, rank,
                           set_epoch, world_size, wrap_ddp)
-from .dit import DiT, dit_from_config, load_dit
+from .dit import DiT, dit_arch, dit_from_config, load_dit
 from .runtime import progress, seed_everything
 from .vae import MaskVAE, load_mask_vae
 
@@ -53,8 +53,7 @@ def load_stage2(out, preset: Preset, device="cpu", which: str = "ema", sampling_
     or "model" (the raw weights in checkpoint.pt). `sampling_schedule` "train" samples with the training schedule
     (correct); "squaredcos_cap_v2" reproduces the authors' stage-3 sampler (spec §3.3)."""
     cfg, folder = preset.dit, Path(out) / "dit"
-    arch = dict(input_size=cfg.input_size, patch_size=cfg.patch_size, hidden_size=cfg.hidden_size, depth=cfg.depth,
-                num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, learn_sigma=cfg.learn_sigma, cond_dim=cfg.cond_dim)
+    arch = dit_arch(cfg)
     if which == "ema":
         dit = load_dit(folder / "model.safetensors", **arch)
     else:
@@ -136,16 +135,19 @@ def mask_iou(pred, target, threshold: float = 0.5) -> torch.Tensor:
 def evaluate_generation(dit: DiT, vae: MaskVAE, diffusion: GaussianDiffusion, encoded: dict, num_steps: int = 25,
                         seed: int = EVAL_SEED, threshold: float = 0.5) -> dict:
     """Mean IoU of DDIM-generated masks (VAE-decoded, thresholded) against the ground truth, with the right
-    conditions and with shuffled ones (each sample gets another sample's image + caption features, same noise).
-    Shuffled is the floor: what the DiT gets from mask statistics alone, without knowing which object is meant."""
+    conditions, with shuffled ones (each sample gets another sample's image + caption features, same noise) and
+    with shuffled captions only (its own image, another sample's caption).
+    Shuffled is the floor: what the DiT gets from mask statistics alone, without knowing which object is meant;
+    the caption-shuffled figure shows how much of the gain comes from the image alone."""
     n = len(encoded["mask"])
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
     order = torch.empty_like(perm)
     order[perm] = torch.roll(perm, 1)          # one cycle through all items: nobody keeps its own condition
     device = next(vae.parameters()).device
     result = {}
-    for name, idx in (("iou", torch.arange(n)), ("iou_shuffled", order)):
-        z, _ = generate_latents(dit, diffusion, encoded["image_features"][idx], encoded["text_features"][idx],
+    same = torch.arange(n)
+    for name, img, txt in (("iou", same, same), ("iou_shuffled", order, order), ("iou_caption_shuffled", same, order)):
+        z, _ = generate_latents(dit, diffusion, encoded["image_features"][img], encoded["text_features"][txt],
                                 num_steps, seed)
         masks = torch.cat([vae.decode(z[i:i + 256].to(device)).cpu() for i in range(0, n, 256)])   # (N, 1, M, M)
         result[name] = mask_iou(masks, encoded["mask"], threshold).mean().item()
@@ -290,13 +292,13 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
     gen = evaluate_generation(ema, vae, diffusion, val, num_steps=cfg.ddim_steps)
     if is_main():                                  # every rank evaluated (same numbers); rank 0 writes
         print(f"train-dit: val mask IoU of generated masks {gen['iou']:.3f} (shuffled conditions "
-              f"{gen['iou_shuffled']:.3f}, {gen['items']} items, DDIM {cfg.ddim_steps})")
-    metrics = {"val_iou": gen["iou"], "val_iou_shuffled": gen["iou_shuffled"], "val_items": gen["items"],
+              f"{gen['iou_shuffled']:.3f}, shuffled captions {gen['iou_caption_shuffled']:.3f}, {gen['items']} "
+              f"items, DDIM {cfg.ddim_steps})")
+    metrics = {"val_iou": gen["iou"], "val_iou_shuffled": gen["iou_shuffled"],
+               "val_iou_caption_shuffled": gen["iou_caption_shuffled"], "val_items": gen["items"],
                "loss": history[-1]["loss"], "epochs": len(history), "steps": steps, "parameters": n_params,
                "train_seconds": round(elapsed, 2), "history": history}
-    arch = dict(input_size=cfg.input_size, patch_size=cfg.patch_size, in_channels=dit.in_channels,
-                hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-                learn_sigma=cfg.learn_sigma, cond_dim=cfg.cond_dim)
+    arch = dit_arch(cfg)
     if is_main():
         save_weights(ema.state_dict(), stage / "model.safetensors")       # EMA weights, like the HF export
         write_json(stage / "metrics.json", metrics)

@@ -39,9 +39,13 @@ def method_dir(out: Path, cfg: PromptConfig) -> Path:
 
 
 def run_config(preset: Preset, cfg: PromptConfig) -> dict:
-    """What a finished run must match to be reused: the stage-3 settings and the input sizes."""
-    return {"prompt": dataclasses.asdict(cfg), "image_size": preset.data.image_size,
-            "mask_size": preset.data.mask_size, "preset": preset.name}
+    """What a finished run must match to be reused: the stage-3 settings, the input sizes and, for Diff-Prompt, the
+    generator's configuration."""
+    config = {"prompt": dataclasses.asdict(cfg), "image_size": preset.data.image_size,
+              "mask_size": preset.data.mask_size, "preset": preset.name}
+    if cfg.method == "diffprompt" and cfg.generated:
+        config["dit"] = json.loads(json.dumps(dataclasses.asdict(preset.dit)))   # tuples as lists, like the file
+    return config
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -67,15 +71,13 @@ def load_generator_parts(preset: Preset, out: Path):
     """Frozen stage-1/2 models for Diff-Prompt: Mask-VAE, DiT, the sampling diffusion, the condition encoder."""
     from .conditions import build_condition_encoder
     from .diffusion import GaussianDiffusion, get_betas
-    from .dit import load_dit
+    from .dit import dit_arch, load_dit
     from .vae import load_mask_vae
     cfg = preset.prompt
     vae = load_mask_vae(_stage_path(cfg.vae_weights, out, "vae", "Mask-VAE"))
     dit_path = _stage_path(cfg.dit_weights, out, "dit", "DiT")
     d = preset.dit
-    dit = load_dit(dit_path, input_size=d.input_size, patch_size=d.patch_size, hidden_size=d.hidden_size,
-                   depth=d.depth, num_heads=d.num_heads, mlp_ratio=d.mlp_ratio, learn_sigma=d.learn_sigma,
-                   cond_dim=d.cond_dim)
+    dit = load_dit(dit_path, **dit_arch(d))
     # "train": sample with the schedule the DiT was trained on; "squaredcos_cap_v2": the authors' sampler (spec S4)
     schedule = d.noise_schedule if cfg.sampling_schedule == "train" else cfg.sampling_schedule
     diffusion = GaussianDiffusion(get_betas(schedule, d.diffusion_steps))

@@ -1,5 +1,6 @@
 """Condition encoders: the CLIP path against transformers' own modules run step by step (a tiny random CLIP
 saved to disk, loaded offline), and the tiny encoder's promises (deterministic, keeps layout and word order)."""
+import dataclasses
 import json
 
 import pytest
@@ -77,7 +78,7 @@ def test_clip_encoder_missing_folder_says_what_to_do(tmp_path):
 
 
 def test_tiny_encoder_deterministic_and_informative():
-    cfg = DiTConfig.tiny()
+    cfg = dataclasses.replace(DiTConfig.tiny(), image_map=False)
     a, b = build_condition_encoder(cfg), build_condition_encoder(cfg)
     images = torch.rand(3, 3, 96, 96)
     caps = ["the red circle left of the blue square", "the blue square left of the red circle", "the red circle"]
@@ -102,3 +103,16 @@ def test_tiny_encoder_deterministic_and_informative():
     black = a.encode(torch.zeros(1, 3, 96, 96), caps[:1])[0]
     assert torch.allclose(grey, black, atol=1e-6)
     assert isinstance(a, TinyConditionEncoder) and not any(p.requires_grad for p in a.parameters())
+
+
+def test_tiny_encoder_image_map():
+    """With image_map the image feature is the image on the latent grid (6×6-pixel means here), centred."""
+    cfg = dataclasses.replace(DiTConfig.tiny(), image_map=True)
+    enc = build_condition_encoder(cfg)
+    images = torch.rand(2, 3, 96, 96)
+    img, txt = enc.encode(images, ["the red circle", "the big square"])
+    assert img.shape == (2, 3, cfg.input_size, cfg.input_size) and txt.shape == (2, cfg.cond_dim)
+    cell = images[1, :, 6:12, 12:18].mean(dim=(1, 2))               # latent cell (row 1, column 2)
+    assert torch.allclose(img[1, :, 1, 2], (cell - 0.5) * 4, atol=1e-5)
+    with pytest.raises(ValueError, match="tiny condition encoder"):
+        build_condition_encoder(dataclasses.replace(cfg, condition="clip"))

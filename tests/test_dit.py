@@ -120,6 +120,26 @@ def test_adaln_zero_init_outputs_zero():
     assert torch.count_nonzero(out) == 0
 
 
+def test_image_map_condition_is_local():
+    """image_channels: the map enters beside x_t, so with attention switched off in every block (gates 0),
+    changing the image under one patch changes the output of that patch only."""
+    torch.manual_seed(0)
+    m = _randomize(DiT(**TINY, image_channels=3))
+    assert m.x_embedder.proj.weight.shape[1] == 4 + 3
+    with torch.no_grad():
+        for block in m.blocks:                                       # no token mixing: attention gate = 0
+            block.adaLN_modulation[-1].weight[64:96] = 0
+            block.adaLN_modulation[-1].bias[64:96] = 0
+    x, t, txt = torch.randn(2, 4, 8, 8), torch.tensor([3, 70]), torch.randn(2, 32)
+    img = torch.randn(2, 3, 8, 8)
+    changed = img.clone()
+    changed[:, :, 0:2, 2:4] += 1.0                                   # the patch in row 0, column 1
+    diff = (m(x, t, changed, txt) - m(x, t, img, txt)).abs().sum(1)  # (B, 8, 8)
+    assert diff[:, 0:2, 2:4].min() > 0
+    diff[:, 0:2, 2:4] = 0
+    assert diff.max() == 0
+
+
 def test_load_raw_checkpoint_and_hf_export(tmp_path):
     model, ema = _randomize(DiT(**TINY), 1), _randomize(DiT(**TINY), 2)
     raw = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": {"state": {}, "param_groups": []},
