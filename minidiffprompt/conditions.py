@@ -139,8 +139,8 @@ class TinyConditionEncoder(ConditionEncoder):
             n = len(ids)
             weights = self.decay ** torch.arange(n, device=device, dtype=torch.float32)
             txt[b] = (weights[:, None] * e).sum(0) + (e * self.position_signs[:n]).sum(0) / n ** 0.5
-        # CLIP-sized (its unnormalised embeddings have norms near 10): the DiT adds both to the timestep
-        # embedding (norm ~10), which would otherwise drown a condition of norm ~2
+        # vectors CLIP-sized (`scale`; its unnormalised embeddings have norms near 10): the DiT adds them to the
+        # timestep embedding (norm ~10), which would otherwise drown a condition of norm ~2
         return img, txt * self.scale
 
 

@@ -27,6 +27,7 @@ from .checkpoint import load_strict, load_training, read_state_dict, save_traini
 from .config import Preset, PromptConfig
 from .distributed import (all_reduce_mean, barrier, cleanup, distributed_loader, init_distributed, is_main, rank,
                           set_epoch, world_size, wrap_ddp)
+from . import train_dit
 from .prompting import DiffPromptGenerator, LearnablePrompts, freeze
 from .train_glip import inclusive_boxes
 from .runtime import autocast, loader_kwargs, progress, seed_everything
@@ -44,7 +45,7 @@ def run_config(preset: Preset, cfg: PromptConfig) -> dict:
     config = {"prompt": dataclasses.asdict(cfg), "image_size": preset.data.image_size,
               "mask_size": preset.data.mask_size, "preset": preset.name}
     if cfg.method == "diffprompt" and cfg.generated:
-        config["dit"] = json.loads(json.dumps(dataclasses.asdict(preset.dit)))   # tuples as lists, like the file
+        config["dit"] = train_dit.run_config(preset)["dit"]   # the one stage 2 itself records
     return config
 
 
