@@ -686,7 +686,7 @@ def main(preset: Preset, data, out, resume: bool = True, batch: int | None = Non
         img, txt = bench_dit(bench, preset, m, batch_)
         prompter = DiffPromptGenerator(m["vae"], m["dit"], m["diffusion"], m["condition"], preset.prompt,
                                        vision_dim=preset.glip.embed_dim, text_dim=preset.glip.text_hidden,
-                                       mask_size=preset.data.mask_size).to(device)
+                                       mask_size=preset.data.mask_size, guidance=preset.dit.guidance).to(device)
         sampling_s, latents = bench_generation(bench, preset, m, batch_, prompter)
         bench_glip(bench, preset, m, batch_)
         bench_stage3(bench, preset, m, batch_, prompter, latents, sampling_s)

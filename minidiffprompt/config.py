@@ -84,6 +84,8 @@ class DiTConfig:
     cache_latents: bool = False    # encode masks (posterior mean, σ) and condition features once per run
     posterior_sample: bool = True  # x_0 ~ q(z | mask) as the authors; False: x_0 = its mean (noisy tiny VAEs)
     x0_weight_cap: float = 1.0     # ε-MSE weight clamp((1-ᾱ)/ᾱ, 1, cap): 1 = the authors' loss (diffusion.py)
+    cond_dropout: float = 0.0      # share of training samples whose features are zeroed (the null condition)
+    guidance: float = 1.0          # classifier-free guidance scale when sampling; ≠ 1 needs cond_dropout > 0
     ddim_steps: int = 25           # generation check after training (training schedule, η = 0)
     eval_items: int = 1000         # val pairs in that check (0 = all)
     seed: int = 0

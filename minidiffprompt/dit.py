@@ -256,6 +256,25 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
 #                               DiT Configs and loading                         #
 #################################################################################
 
+def guided(dit: DiT, image_features, text_features, guidance: float = 1.0):
+    """The sampler's model_fn(x, t): the DiT bound to its condition. With guidance s ≠ 1, classifier-free guidance
+    (Ho & Salimans 2022, eq. 6): ε̂ = ε̂(x_t, ∅) + s·(ε̂(x_t, c) - ε̂(x_t, ∅)), ∅ = zero features, the null
+    condition that DiTConfig.cond_dropout trains; the variance channels stay the conditional ones. Not in the
+    authors' code (spec §2.1: no condition dropout), so their DiT samples with s = 1."""
+    if guidance == 1.0:
+        return lambda x, t: dit(x, t, image_features, text_features)
+    null_img, null_txt = torch.zeros_like(image_features), torch.zeros_like(text_features)
+
+    def model_fn(x, t):
+        out = dit(torch.cat([x, x]), torch.cat([t, t]), torch.cat([image_features, null_img]),
+                  torch.cat([text_features, null_txt]))                # one batch: conditional, then null
+        cond, null = out.chunk(2)
+        C = dit.in_channels
+        eps = null[:, :C] + guidance * (cond[:, :C] - null[:, :C])
+        return torch.cat([eps, cond[:, C:]], dim=1)
+    return model_fn
+
+
 def DiT_My_2(**kwargs):
     """The authors' DiT-My/2: latent 4×28×28, patch 2, hidden 512, depth 12, 8 heads (77,158,944 parameters)."""
     return DiT(depth=12, hidden_size=512, patch_size=2, num_heads=8, **kwargs)

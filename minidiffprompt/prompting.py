@@ -23,6 +23,7 @@ from .adapters import GlobalPrompt, MaskAdapter
 from .config import PromptConfig
 from .data import glip_normalize
 from .diffusion import authors_keep_policy
+from .dit import guided
 
 
 def seeded_noise(shape: tuple, seeds: list[int], device) -> torch.Tensor:
@@ -42,7 +43,8 @@ class DiffPromptGenerator(nn.Module):
     """Frozen condition encoder + DiT + DDIM + Mask-VAE, then trainable adapters: image, caption -> prompts."""
 
     def __init__(self, vae: nn.Module | None, dit: nn.Module | None, diffusion, condition_encoder,
-                 cfg: PromptConfig, vision_dim: int = 96, text_dim: int = 768, mask_size: int = 224):
+                 cfg: PromptConfig, vision_dim: int = 96, text_dim: int = 768, mask_size: int = 224,
+                 guidance: float = 1.0):
         super().__init__()
         if not (cfg.visual or cfg.textual):
             raise ValueError("DiffPromptGenerator: both visual and textual prompts are switched off; "
@@ -61,6 +63,7 @@ class DiffPromptGenerator(nn.Module):
             self.dit = freeze(dit)
             self.condition_encoder = freeze(condition_encoder)
             self.diffusion = diffusion
+            self.guidance = guidance        # the DiT's classifier-free guidance scale (DiTConfig.guidance)
 
     # --------------------------------------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -93,9 +96,7 @@ class DiffPromptGenerator(nn.Module):
         else:              # evaluation: each sample's noise from its own seed -> reproducible results
             noise = seeded_noise(shape, seeds, device)
 
-        def model_fn(x, t):
-            return self.dit(x, t, img_feat, txt_feat)
-
+        model_fn = guided(self.dit, img_feat, txt_feat, self.guidance)
         _, kept = self.diffusion.ddim_sample(model_fn, noise.shape, noise, num_steps=self.cfg.ddim_steps,
                                              eta=self.cfg.eta, keep=self.depth)
         latents = torch.stack(kept)                                  # (D, B, C, h, w), layer 0 = cleanest

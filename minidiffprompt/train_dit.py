@@ -31,7 +31,7 @@ from .config import DiTConfig, Preset
 from .diffusion import GaussianDiffusion, get_betas
 from .distributed import (all_reduce_mean, barrier, cleanup, distributed_loader, init_distributed, is_main, rank,
                           set_epoch, world_size, wrap_ddp)
-from .dit import DiT, dit_arch, dit_from_config, load_dit
+from .dit import DiT, dit_arch, dit_from_config, guided, load_dit
 from .runtime import progress, seed_everything
 from .vae import MaskVAE, load_mask_vae
 
@@ -105,7 +105,7 @@ def _check_latent_size(vae: MaskVAE, preset: Preset):
 
 @torch.no_grad()
 def generate_latents(dit: DiT, diffusion: GaussianDiffusion, image_features, text_features, num_steps: int = 25,
-                     seed: int = EVAL_SEED, batch_size: int = 256, keep=None):
+                     seed: int = EVAL_SEED, batch_size: int = 256, keep=None, guidance: float = 1.0):
     """DDIM samples (N, C, h, w) for the given features (noise from `seed`), plus the kept latents per batch."""
     device = next(dit.parameters()).device
     generator = torch.Generator().manual_seed(seed)
@@ -115,9 +115,8 @@ def generate_latents(dit: DiT, diffusion: GaussianDiffusion, image_features, tex
     for i in range(0, len(noise), batch_size):
         img = image_features[i:i + batch_size].to(device)
         txt = text_features[i:i + batch_size].to(device)
-        model_fn = lambda x, t: dit(x, t, img, txt)   # noqa: E731 - the condition bound to the DiT
-        x0, k = diffusion.ddim_sample(model_fn, None, noise=noise[i:i + batch_size].to(device),
-                                      num_steps=num_steps, keep=keep)
+        x0, k = diffusion.ddim_sample(guided(dit, img, txt, guidance), None,
+                                      noise=noise[i:i + batch_size].to(device), num_steps=num_steps, keep=keep)
         samples.append(x0.cpu())
         kept.append([z.cpu() for z in k])
     kept = [torch.cat([b[j] for b in kept]) for j in range(len(kept[0]))] if kept and kept[0] else []
@@ -133,7 +132,7 @@ def mask_iou(pred, target, threshold: float = 0.5) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_generation(dit: DiT, vae: MaskVAE, diffusion: GaussianDiffusion, encoded: dict, num_steps: int = 25,
-                        seed: int = EVAL_SEED, threshold: float = 0.5) -> dict:
+                        seed: int = EVAL_SEED, threshold: float = 0.5, guidance: float = 1.0) -> dict:
     """Mean IoU of DDIM-generated masks (VAE-decoded, thresholded) against the ground truth, with the right
     conditions, with shuffled ones (each sample gets another sample's image + caption features, same noise) and
     with shuffled captions only (its own image, another sample's caption).
@@ -148,7 +147,7 @@ def evaluate_generation(dit: DiT, vae: MaskVAE, diffusion: GaussianDiffusion, en
     same = torch.arange(n)
     for name, img, txt in (("iou", same, same), ("iou_shuffled", order, order), ("iou_caption_shuffled", same, order)):
         z, _ = generate_latents(dit, diffusion, encoded["image_features"][img], encoded["text_features"][txt],
-                                num_steps, seed)
+                                num_steps, seed, guidance=guidance)
         masks = torch.cat([vae.decode(z[i:i + 256].to(device)).cpu() for i in range(0, n, 256)])   # (N, 1, M, M)
         result[name] = mask_iou(masks, encoded["mask"], threshold).mean().item()
     result["items"] = n
@@ -163,6 +162,15 @@ def run_config(preset: Preset) -> dict:
     """What must match for a stored run to count as this run."""
     return json.loads(json.dumps({"image_size": preset.data.image_size, "mask_size": preset.data.mask_size,
                                   "dit": dataclasses.asdict(preset.dit)}))
+
+
+def drop_conditions(image_features, text_features, p: float, generator: torch.Generator):
+    """Zero both features of a random share p of the samples: the null condition of classifier-free guidance."""
+    if not p:
+        return image_features, text_features
+    keep = (torch.rand(len(text_features), generator=generator) >= p).to(text_features.device)
+    return (image_features * keep.view(-1, *[1] * (image_features.dim() - 1)).to(image_features.dtype),
+            text_features * keep[:, None].to(text_features.dtype))
 
 
 @torch.no_grad()
@@ -210,6 +218,11 @@ def _batches(train: dict | None, data, preset: Preset, vae, encoder, device, gen
 def main(preset: Preset, data, out, resume: bool = True) -> dict:
     """Train (or resume, or reuse) the DiT prompt generator of `preset`; returns the final metrics."""
     cfg: DiTConfig = preset.dit
+    if not 0 <= cfg.cond_dropout < 1:
+        raise SystemExit(f"train-dit: --cond_dropout must be in [0, 1), got {cfg.cond_dropout}")
+    if cfg.guidance != 1 and not cfg.cond_dropout:
+        raise SystemExit(f"train-dit: --guidance {cfg.guidance} needs a DiT that learned the null condition; "
+                         "set --cond_dropout (e.g. 0.15) or --guidance 1")
     stage = Path(out) / "dit"
     wanted = run_config(preset)
     final = [stage / n for n in ("model.safetensors", "config.json", "metrics.json")]
@@ -260,6 +273,7 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
         bar = progress(_batches(train, data, preset, vae, encoder, device, generator, epoch), leave=False,
                        desc=f"epoch {epoch + 1}/{cfg.epochs}")
         for x0, img, txt in bar:
+            img, txt = drop_conditions(img, txt, cfg.cond_dropout, generator)
             t = torch.randint(0, diffusion.num_timesteps, (len(x0),), device=device)   # uniform t (spec §2.5)
             losses = diffusion.training_losses(lambda x, tt: model(x, tt, img, txt), x0, t,
                                                x0_weight_cap=cfg.x0_weight_cap)
@@ -289,11 +303,11 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
     if not history:
         raise SystemExit(f"train-dit: nothing to train (epochs={cfg.epochs}); set --epochs to at least 1")
     ema.eval()
-    gen = evaluate_generation(ema, vae, diffusion, val, num_steps=cfg.ddim_steps)
+    gen = evaluate_generation(ema, vae, diffusion, val, num_steps=cfg.ddim_steps, guidance=cfg.guidance)
     if is_main():                                  # every rank evaluated (same numbers); rank 0 writes
         print(f"train-dit: val mask IoU of generated masks {gen['iou']:.3f} (shuffled conditions "
               f"{gen['iou_shuffled']:.3f}, shuffled captions {gen['iou_caption_shuffled']:.3f}, {gen['items']} "
-              f"items, DDIM {cfg.ddim_steps})")
+              f"items, DDIM {cfg.ddim_steps}" + (f", guidance {cfg.guidance:g})" if cfg.guidance != 1 else ")"))
     metrics = {"val_iou": gen["iou"], "val_iou_shuffled": gen["iou_shuffled"],
                "val_iou_caption_shuffled": gen["iou_caption_shuffled"], "val_items": gen["items"],
                "loss": history[-1]["loss"], "epochs": len(history), "steps": steps, "parameters": n_params,

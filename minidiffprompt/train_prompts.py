@@ -93,7 +93,7 @@ def build_prompter(preset: Preset, out: Path, cfg: PromptConfig | None = None):
     if cfg.method == "diffprompt":
         parts = load_generator_parts(preset, out) if cfg.generated else (None, None, None, None)
         return DiffPromptGenerator(*parts, cfg, vision_dim=g.embed_dim, text_dim=g.text_hidden,
-                                   mask_size=preset.data.mask_size)
+                                   mask_size=preset.data.mask_size, guidance=preset.dit.guidance)
     if cfg.method == "vpt":
         return LearnablePrompts(cfg.depth, cfg.length, vision_dim=g.embed_dim)
     if cfg.method == "textprompt":

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from minidiffprompt.checkpoint import CheckpointMismatch, keys_from_tsv, save_weights
-from minidiffprompt.dit import DiT, DiT_My_2, TimestepEmbedder, load_dit
+from minidiffprompt.dit import DiT, DiT_My_2, TimestepEmbedder, guided, load_dit
 
 KEYS = Path(__file__).resolve().parent / "fixtures" / "mask_dit.tsv"     # copy of spec/keys/mask_dit.tsv
 
@@ -138,6 +138,22 @@ def test_image_map_condition_is_local():
     assert diff[:, 0:2, 2:4].min() > 0
     diff[:, 0:2, 2:4] = 0
     assert diff.max() == 0
+
+
+@pytest.mark.parametrize("image_channels", [0, 3])
+def test_classifier_free_guidance(image_channels):
+    """guided(): scale 1 is the plain DiT; scale s gives ε̂_∅ + s·(ε̂_c − ε̂_∅) from one batched call, with
+    zero features as ∅ and the conditional variance channels."""
+    m = _randomize(DiT(**TINY, image_channels=image_channels)).eval()
+    x, t, txt = torch.randn(3, 4, 8, 8), torch.tensor([0, 40, 99]), torch.randn(3, 32)
+    img = torch.randn(3, 3, 8, 8) if image_channels else torch.randn(3, 32)
+    with torch.no_grad():
+        cond, null = m(x, t, img, txt), m(x, t, torch.zeros_like(img), torch.zeros_like(txt))
+        assert torch.equal(guided(m, img, txt)(x, t), cond)
+        out = guided(m, img, txt, 3.0)(x, t)
+    assert (cond - null)[:, :4].abs().max() > 0.1                    # the condition matters to this DiT
+    assert torch.allclose(out[:, :4], null[:, :4] + 3.0 * (cond[:, :4] - null[:, :4]), atol=1e-5)
+    assert torch.allclose(out[:, 4:], cond[:, 4:], atol=1e-6)
 
 
 def test_load_raw_checkpoint_and_hf_export(tmp_path):

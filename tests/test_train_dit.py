@@ -96,3 +96,21 @@ def test_evaluate_generation_shuffles_conditions():
     assert r["iou"] == pytest.approx(1.0) and r["items"] == n
     assert r["iou_shuffled"] < 0.5
     assert r["iou_caption_shuffled"] == pytest.approx(1.0)   # the fake reads only the image feature
+
+
+def test_condition_dropout_zeroes_whole_samples():
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(400, 3, 4, 4) + 5, torch.randn(400, 8) + 5
+    assert train_dit.drop_conditions(img, txt, 0.0, g) == (img, txt)
+    d_img, d_txt = train_dit.drop_conditions(img, txt, 0.25, g)
+    dropped = d_txt.abs().sum(1) == 0
+    assert torch.equal(dropped, d_img.flatten(1).abs().sum(1) == 0)   # image and caption dropped together
+    assert 0.15 < dropped.float().mean() < 0.35
+    assert torch.equal(d_img[~dropped], img[~dropped]) and torch.equal(d_txt[~dropped], txt[~dropped])
+
+
+def test_guidance_needs_condition_dropout(tmp_path):
+    p = _preset()
+    p.dit.guidance = 3.0
+    with pytest.raises(SystemExit, match="cond_dropout"):
+        train_dit.main(p, tmp_path, tmp_path / "run")
