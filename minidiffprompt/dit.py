@@ -9,6 +9,9 @@ checkpoint (`model` / `ema` entries) and the HF export load strictly (spec/keys/
     dit = load_dit("0094200.pt", which="model")       # what stage 3 of the authors used
     out = dit(x_t, t, image_features, text_features)  # (B, 8, 28, 28): ε̂ (4 channels) + variance values v (4)
 
+`guided(dit, image_features, text_features, s)` binds the condition for the sampler, with classifier-free guidance
+when s ≠ 1 (an option; the authors trained no null condition).
+
 The tiny preset's `image_channels=3` (DiTConfig.image_map) is not the authors' design: the image, resized to the
 latent grid, is concatenated to x_t instead, and the image half of c is zero.
 """
@@ -219,6 +222,25 @@ class DiT(nn.Module):
         return self.unpatchify(x)                                 # (B, out_channels, H, W)
 
 
+def guided(dit: DiT, image_features, text_features, guidance: float = 1.0):
+    """The sampler's model_fn(x, t): the DiT bound to its condition. With guidance s ≠ 1, classifier-free guidance
+    (Ho & Salimans 2022, eq. 6): ε̂ = ε̂(x_t, ∅) + s·(ε̂(x_t, c) - ε̂(x_t, ∅)), ∅ = zero features, the null
+    condition that DiTConfig.cond_dropout trains; the variance channels stay the conditional ones. Not in the
+    authors' code (spec §2.1: no condition dropout), so their DiT samples with s = 1."""
+    if guidance == 1.0:
+        return lambda x, t: dit(x, t, image_features, text_features)
+    null_img, null_txt = torch.zeros_like(image_features), torch.zeros_like(text_features)
+
+    def model_fn(x, t):
+        out = dit(torch.cat([x, x]), torch.cat([t, t]), torch.cat([image_features, null_img]),
+                  torch.cat([text_features, null_txt]))                # one batch: conditional, then null
+        cond, null = out.chunk(2)
+        C = dit.in_channels
+        eps = null[:, :C] + guidance * (cond[:, :C] - null[:, :C])
+        return torch.cat([eps, cond[:, C:]], dim=1)
+    return model_fn
+
+
 #################################################################################
 #                   Sine/Cosine Positional Embedding Functions                  #
 #################################################################################
@@ -255,25 +277,6 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
 #################################################################################
 #                               DiT Configs and loading                         #
 #################################################################################
-
-def guided(dit: DiT, image_features, text_features, guidance: float = 1.0):
-    """The sampler's model_fn(x, t): the DiT bound to its condition. With guidance s ≠ 1, classifier-free guidance
-    (Ho & Salimans 2022, eq. 6): ε̂ = ε̂(x_t, ∅) + s·(ε̂(x_t, c) - ε̂(x_t, ∅)), ∅ = zero features, the null
-    condition that DiTConfig.cond_dropout trains; the variance channels stay the conditional ones. Not in the
-    authors' code (spec §2.1: no condition dropout), so their DiT samples with s = 1."""
-    if guidance == 1.0:
-        return lambda x, t: dit(x, t, image_features, text_features)
-    null_img, null_txt = torch.zeros_like(image_features), torch.zeros_like(text_features)
-
-    def model_fn(x, t):
-        out = dit(torch.cat([x, x]), torch.cat([t, t]), torch.cat([image_features, null_img]),
-                  torch.cat([text_features, null_txt]))                # one batch: conditional, then null
-        cond, null = out.chunk(2)
-        C = dit.in_channels
-        eps = null[:, :C] + guidance * (cond[:, :C] - null[:, :C])
-        return torch.cat([eps, cond[:, C:]], dim=1)
-    return model_fn
-
 
 def DiT_My_2(**kwargs):
     """The authors' DiT-My/2: latent 4×28×28, patch 2, hidden 512, depth 12, 8 heads (77,158,944 parameters)."""
