@@ -111,12 +111,8 @@ def figure_ddim_masks(root: Path, preset: Preset, out: Path, path: Path, n: int 
     from matplotlib.patches import Rectangle
     from .data import RefExpDataset, collate
     from .evaluate import sample_seeds
-    from .prompting import DiffPromptGenerator
-    from .train_prompts import load_generator_parts
-    cfg = preset.prompt
-    gen = DiffPromptGenerator(*load_generator_parts(preset, out), cfg, vision_dim=preset.glip.embed_dim,
-                              text_dim=preset.glip.text_hidden, mask_size=preset.data.mask_size,
-                              guidance=preset.dit.guidance).eval()
+    from .train_prompts import build_prompter
+    gen = build_prompter(preset, out).eval()    # preset.prompt is Diff-Prompt's here; its adapters go unused
     ds = RefExpDataset(root, "val", preset.data.image_size, mask_size=preset.data.mask_size)
     batch = collate([ds[i] for i in range(n)])
     masks = gen.sample_masks(batch["image"], batch["caption"], sample_seeds(batch["index"], preset.eval.seed))
