@@ -22,10 +22,13 @@ from .config import apply_overrides, get_preset
 COMMANDS = {
     "train-vae": ("train_vae", ("data", "vae"), "stage 1: train the Mask-VAE"),
     "train-dit": ("train_dit", ("data", "dit"), "stage 2: train the DiT prompt generator"),
+    "train-bert": ("train_bert", ("data", "bert", "glip"), "pre-train the tiny GLIP's small BERT (masked LM)"),
+    "train-clip": ("train_clip", ("data", "clip", "dit"), "train the tiny CLIP-like condition encoder"),
     "train-glip": ("train_glip", ("data", "glip"), "pre-train the tiny GLIP on the detection split"),
     "train-prompts": ("train_prompts", ("data", "prompt"), "stage 3: prompt tuning (Diff-Prompt or a baseline)"),
     "evaluate": ("evaluate", ("data", "eval", "prompt"), "R@1 / R@5 / UB on val, testA, testB"),
     "demo": ("demo", ("data", "vae", "dit", "glip", "prompt", "eval"), "the whole tiny pipeline with a report"),
+    "eval-base": ("base_eval", ("data", "prompt", "glip"), "the frozen base GLIP: detection, zero-shot referring"),
     "bench": ("bench", ("data", "vae", "dit", "glip", "prompt", "eval"), "throughput and memory of every stage"),
 }
 
@@ -48,7 +51,24 @@ def parse_overrides(rest: list[str]) -> dict[str, str]:
     return overrides
 
 
+def ship_main(argv: list[str]):
+    """`python -m minidiffprompt ship RUN/STAGE NAME [--extra FILE.json]`: copy a finished run into the package."""
+    from .shipped import ship
+    parser = argparse.ArgumentParser(prog="python -m minidiffprompt ship", description=ship.__doc__)
+    parser.add_argument("run", type=Path, help="a finished stage folder, e.g. runs/tiny/glip")
+    parser.add_argument("name", help="the shipped name, e.g. tiny_glip")
+    parser.add_argument("--extra", type=Path, help="a JSON file whose entries join metrics.json (eval-base's)")
+    args = parser.parse_args(argv)
+    import json
+    extra = json.loads(args.extra.read_text()) if args.extra else None
+    print(ship(args.run, args.name, extra))
+
+
 def main(argv: list[str] | None = None):
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["ship"]:
+        return ship_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m minidiffprompt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v[2]}" for k, v in COMMANDS.items()))
@@ -59,6 +79,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--no-resume", action="store_true", help="start the stage afresh")
     parser.add_argument("--batch", type=int, default=None, help="bench: items per measured step")
     parser.add_argument("--compile", action="store_true", help="bench: also measure torch.compile")
+    parser.add_argument("--probe", action="store_true", help="eval-base: also fit the linear position probe")
     args, rest = parser.parse_known_args(argv)
 
     module_name, sections, _ = COMMANDS[args.command]
@@ -71,6 +92,10 @@ def main(argv: list[str] | None = None):
     try:
         if args.command == "bench":
             return module.main(preset, data, out, resume=False, batch=args.batch, compile=args.compile or None)
+        if args.command == "eval-base":
+            if args.out is None:
+                raise SystemExit("eval-base: give --out FILE.json")
+            return module.main(preset, data, out, probe=args.probe)
         return module.main(preset, data, out, resume=not args.no_resume)
     except (FileNotFoundError, CheckpointMismatch) as e:   # a missing input or a wrong file: say what, not where
         raise SystemExit(f"{args.command}: {e}") from None

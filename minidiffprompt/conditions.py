@@ -144,16 +144,59 @@ class TinyConditionEncoder(ConditionEncoder):
         return img, txt * self.scale
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Tiny, learned: the CLIP-like towers of train_clip.py
+
+
+class LearnedConditionEncoder(ConditionEncoder):
+    """The tiny CLIP (`train_clip.TinyCLIP`, trained contrastively like CLIP): its projected caption embedding,
+    L2-normalised and scaled to norm `scale` (CLIP-sized, like the other encoders), and its image embedding, or with
+    `image_map` its (B, map_channels, s, s) feature map, layer-normalised per image."""
+
+    def __init__(self, folder, image_map: bool = False, scale: float = 10.0):
+        super().__init__()
+        from .shipped import resolve_weights
+        from .train_clip import load_tiny_clip
+        self.model, self.tokenizer = load_tiny_clip(resolve_weights(folder))
+        self.dim, self.image_map, self.scale = self.model.cfg.dim, image_map, scale
+        self.map_channels = self.model.cfg.map_channels
+
+    @torch.no_grad()
+    def encode(self, images01, captions):
+        from .train_clip import tokenize
+        device = self.model.logit_scale.device
+        img, fmap = self.model.encode_image(images01.to(device, torch.float32))
+        ids, mask = tokenize(self.tokenizer, captions, self.model.cfg.max_len)
+        txt = F.normalize(self.model.encode_text(ids.to(device), mask.to(device)), dim=-1) * self.scale
+        if self.image_map:
+            return F.layer_norm(fmap, fmap.shape[1:]), txt
+        return F.normalize(img, dim=-1) * self.scale, txt
+
+
+def map_channels(cfg) -> int:
+    """Channels of the image map a DiT with `image_map` reads: RGB (tiny) or the tiny CLIP's feature map."""
+    if not cfg.image_map:
+        return 0
+    if cfg.condition == "tiny_clip":
+        import json
+        from .shipped import resolve_weights
+        return json.loads((resolve_weights(cfg.clip_path) / "config.json").read_text())["arch"]["map_channels"]
+    return 3
+
+
 def build_condition_encoder(cfg) -> ConditionEncoder:
-    """The encoder named by a `config.DiTConfig` (`condition`: "clip" or "tiny"); its `dim` must be cond_dim."""
+    """The encoder named by a `config.DiTConfig` (`condition`: "clip", "tiny" or "tiny_clip"); its `dim` must be
+    cond_dim."""
     if cfg.condition == "clip":
         if cfg.image_map:
-            raise ValueError("image_map needs the tiny condition encoder (CLIP gives one global image feature)")
+            raise ValueError("image_map needs a tiny condition encoder (CLIP gives one global image feature)")
         enc = CLIPConditionEncoder(cfg.clip_path)
     elif cfg.condition == "tiny":
         enc = TinyConditionEncoder(dim=cfg.cond_dim, seed=0, map_size=cfg.input_size if cfg.image_map else 0)
+    elif cfg.condition == "tiny_clip":
+        enc = LearnedConditionEncoder(cfg.clip_path, image_map=cfg.image_map)
     else:
-        raise ValueError(f"unknown condition encoder {cfg.condition!r}: use 'clip' or 'tiny'")
+        raise ValueError(f"unknown condition encoder {cfg.condition!r}: use 'clip', 'tiny' or 'tiny_clip'")
     if enc.dim != cfg.cond_dim:
         raise ValueError(f"condition encoder {cfg.condition!r} gives {enc.dim}-d features but cond_dim is "
                          f"{cfg.cond_dim}; set --cond_dim {enc.dim} (and --hidden_size {enc.dim})")

@@ -98,6 +98,31 @@ class DiTConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The tiny GLIP's small BERT: masked-language-model pre-training (train_bert.py)
+
+
+@dataclass
+class TextPretrainConfig:
+    """MLM pre-training of the small BERT (tiny preset only; the paper's GLIP brings bert-base-uncased's weights)."""
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    mask_prob: float = 0.15
+    seed: int = 0
+
+
+@dataclass
+class ClipPretrainConfig:
+    """Contrastive training of the tiny CLIP-like condition encoder (train_clip.py; the paper uses CLIP ViT-B/32)."""
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # GLIP-T(A) (spec/GLIP_T_A.md)
 
 
@@ -121,6 +146,8 @@ class GLIPConfig:
     text_layers: int = 12
     text_heads: int = 12
     text_vocab: str = ""           # vocab.txt of the small BERT built when text_model is "" (tiny: the data root's)
+    text_weights: str = ""         # pre-training starts the language backbone from a `train-bert` folder
+    swin_ape: int = 0              # Swin's absolute position table, its side in patches (0 = off, as GLIP-T(A))
     max_query_len: int = 256
     num_cls_logits: int = 80       # unused head, kept so the O365 checkpoint loads strictly
     atss_topk: int = 9
@@ -138,20 +165,24 @@ class GLIPConfig:
     head_lr_mult: float = 1.0      # lr factor of the head's predictors (box deltas ×(10,10,5,5), logit scale)
     text_lr_mult: float = 1.0      # lr factor of the language backbone; 0 freezes it
     shuffle_prompt: bool = True    # class names in a random order per sample (no name tied to a position)
+    phrase_prompts: float = 0.0    # share of attribute-phrase prompts ("small red circle. star.") in pre-training
+    flip_augment: bool = False     # random left-right / top-bottom flips in pre-training
     holdout_fraction: float = 0.1  # detection images kept out of pre-training for the detection R@1
     eval_max_items: int = 0        # zero-shot referring evaluation: expressions per split (0 = all)
     seed: int = 0
 
     @classmethod
     def tiny(cls) -> "GLIPConfig":
-        # The small BERT has no pre-training to stand on. Trained from scratch on class-name prompts its outputs
-        # collapse (every name token → nearly one vector, cosine > 0.99) and the detector cannot tell the shapes
-        # apart; frozen at its random initialisation (text_lr_mult 0) the tokens stay distinct and the head learns
-        # to read them. Shape discrimination emerges only after ~6 epochs, hence 12.
+        # The stand-in for GLIP-T(A)'s Objects365 pre-training, run once and shipped (minidiffprompt/pretrained/
+        # tiny_glip, with the exact command in its metrics.json). Its language backbone starts from the MLM-pretrained
+        # small BERT (train_bert.py) and stays frozen: fine-tuning it at GLIP's 0.1× language lr learned more slowly
+        # (README). Half of the prompts are attribute phrases, images are flipped, and Swin's absolute position
+        # table is on: without it the tiny model's region features hardly carry where they are (README, position).
         return cls(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, drop_path_rate=0.0,
                    fpn_channels=32, fpn_drop_block=0.0, dyhead_blocks=1, anchor_scale=2.0, text_model="",
                    text_hidden=64, text_layers=4, text_heads=2, max_query_len=32, lr=2e-3, head_lr_mult=10.0,
-                   text_lr_mult=0.0, batch_size=16, epochs=12, eval_max_items=200)
+                   text_weights="shipped:tiny_bert", text_lr_mult=0.0, swin_ape=24, phrase_prompts=0.5,
+                   flip_augment=True, batch_size=16, epochs=80)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,14 +214,15 @@ class PromptConfig:
     max_steps: int = 0             # optimiser steps per epoch at most (0 = the whole train split)
     val_items: int = 0             # per-epoch val R@1 on the first N val items (0 = no per-epoch check)
     tag: str = ""                  # run folder prompts/<method>[-<tag>], e.g. for ablations
-    glip_weights: str = ""         # "" = RUN/glip; paper: the official glip_a_tiny_o365.pth
+    glip_weights: str = ""         # "" = RUN/glip; tiny: the shipped GLIP; paper: the official glip_a_tiny_o365.pth
     vae_weights: str = ""          # "" = RUN/vae; paper: the released Mask-VAE folder
     dit_weights: str = ""          # "" = RUN/dit; paper: the released DiT checkpoint
 
     @classmethod
     def tiny(cls) -> "PromptConfig":
         # CPU budget: a fixed number of steps; 10 DDIM steps (stride 10) still keep 4 latents (layers 0-3)
-        return cls(depth=4, length=8, ddim_steps=10, epochs=1, max_steps=60, batch_size=16, micro_batch=16, lr=3e-3)
+        return cls(depth=4, length=8, ddim_steps=10, epochs=1, max_steps=60, batch_size=16, micro_batch=16, lr=3e-3,
+                   glip_weights="shipped:tiny_glip")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,6 +258,8 @@ class Preset:
     glip: GLIPConfig = field(default_factory=GLIPConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    bert: TextPretrainConfig = field(default_factory=TextPretrainConfig)
+    clip: ClipPretrainConfig = field(default_factory=ClipPretrainConfig)
 
 
 def get_preset(name: str) -> Preset:

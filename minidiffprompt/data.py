@@ -156,6 +156,7 @@ class DetectionDataset(Dataset):
             "image": load_image(resolve_image(self.root, im["image"]), self.image_size),
             "boxes": torch.stack(boxes) if boxes else torch.zeros(0, 4),
             "categories": [o["category"] for o in objs],
+            "attributes": [o.get("attributes", []) for o in objs],
             "caption": self.caption,
             "spans": [list(self.name_spans[o["category"]]) for o in objs],
             "index": i,

@@ -3,7 +3,8 @@
     1. synthetic RefCOCO-format data                         (synthetic.ensure_synthetic)
     2. stage 1: the Mask-VAE                                 (train_vae)
     3. stage 2: the DiT prompt generator                     (train_dit)
-    4. the base detector: tiny GLIP pre-trained on the synthetic detection split (train_glip)
+    4. the base detector: the shipped tiny GLIP (`--glip_weights`; it was pre-trained once on the synthetic
+       detection split by `train-glip`, as GLIP-T(A) comes pre-trained on Objects365)
     5. stage 3: VPT-deep, deep text prompts and Diff-Prompt tuning of the frozen GLIP (train_prompts)
     6. R@1 / R@5 / UB of zero-shot GLIP and every method on val, testA, testB (evaluate)
     7. RUN/report.md with figures, RUN/results.json (method -> split -> {"R@1", "R@5", "UB"} in percent)
@@ -37,7 +38,7 @@ def _data_root(data: Path) -> Path:
 
 
 def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
-    from . import evaluate, train_dit, train_glip, train_prompts, train_vae
+    from . import evaluate, train_dit, train_prompts, train_vae
     if preset.name != "tiny":
         print(f"demo: preset {preset.name!r}: the demo is sized for the tiny preset; running it anyway")
     out = Path(out)
@@ -54,7 +55,6 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     root = timed("data", _data_root, data)
     timed("stage 1 (Mask-VAE)", train_vae.main, preset, root, out, resume)
     timed("stage 2 (DiT)", train_dit.main, preset, root, out, resume)
-    timed("GLIP pre-training", train_glip.main, preset, root, out, resume)
     for method in DEMO_METHODS:
         preset.prompt.method = method
         timed(f"stage 3: {method}", train_prompts.main, preset, root, out, resume)
@@ -136,9 +136,8 @@ def figure_ddim_masks(root: Path, preset: Preset, out: Path, path: Path, n: int 
 
 def figure_curves(out: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
-    for ax, stage, title in zip(axes[:3], ("vae", "dit", "glip"),
-                                ("stage 1: Mask-VAE", "stage 2: DiT (ε-MSE + VB)", "GLIP pre-training")):
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, stage, title in zip(axes[:2], ("vae", "dit"), ("stage 1: Mask-VAE", "stage 2: DiT (ε-MSE + VB)")):
         metrics = out / stage / "metrics.json"
         history = json.loads(metrics.read_text()).get("history", []) if metrics.exists() else []
         if history:
@@ -155,10 +154,10 @@ def figure_curves(out: Path, path: Path) -> None:
             k = max(1, len(steps) // 20)   # moving average over ~5 % of the steps
             smooth = [sum(steps[max(0, i - k + 1):i + 1]) / len(steps[max(0, i - k + 1):i + 1])
                       for i in range(len(steps))]
-            axes[3].plot(range(1, len(steps) + 1), smooth, label=LABELS.get(folder.name, folder.name))
-    axes[3].set_title("stage 3: grounding loss (frozen GLIP)", fontsize=9)
-    axes[3].set_xlabel("optimiser step")
-    axes[3].legend(fontsize=7)
+            axes[2].plot(range(1, len(steps) + 1), smooth, label=LABELS.get(folder.name, folder.name))
+    axes[2].set_title("stage 3: grounding loss (frozen GLIP)", fontsize=9)
+    axes[2].set_xlabel("optimiser step")
+    axes[2].legend(fontsize=7)
     fig.tight_layout()
     _savefig(fig, path)
 
@@ -192,7 +191,9 @@ def write_report(preset: Preset, root: Path, out: Path, results: dict, timings: 
     figure_curves(out, figs / "training_curves.png")
     figure_results(table, figs / "results.png")
     (figs / "qualitative.png").write_bytes((out / "eval" / "qualitative.png").read_bytes())
-    stage = {s: json.loads((out / s / "metrics.json").read_text()) for s in ("vae", "dit", "glip")}
+    from .train_prompts import load_glip_metrics
+    stage = {s: json.loads((out / s / "metrics.json").read_text()) for s in ("vae", "dit")}
+    stage["glip"] = load_glip_metrics(preset, out)
     prompts = {f.name: json.loads((f / "metrics.json").read_text()) for f in sorted((out / "prompts").glob("*"))
                if (f / "metrics.json").exists()}
     base, dp = table.get("zeroshot", {}), table.get("diffprompt", {})
@@ -215,7 +216,9 @@ def write_report(preset: Preset, root: Path, out: Path, results: dict, timings: 
         f"* DiT: IoU of DDIM-generated masks with the true mask {stage['dit'].get('val_iou', float('nan')):.3f} "
         f"(with shuffled conditions: {stage['dit'].get('val_iou_shuffled', float('nan')):.3f}; with shuffled "
         f"captions only: {stage['dit'].get('val_iou_caption_shuffled', float('nan')):.3f}).",
-        f"* GLIP pre-training: held-out detection R@1 {stage['glip'].get('detection_R@1', float('nan')):.1f}.", "",
+        f"* Base GLIP ({preset.prompt.glip_weights or out / 'glip'}): held-out detection R@1 "
+        f"{stage['glip'].get('detection_R@1', float('nan')):.1f}; zero-shot referring R@1 on val by kind: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in stage["glip"].get("referring_R@1", {}).items()) + ".", "",
         "![data](figures/data_samples.png)", "", "Data: validation samples (positive span in brackets).", "",
         "![VAE](figures/vae_reconstructions.png)", "", "Stage 1: masks and their reconstructions.", "",
         "![DDIM](figures/ddim_masks.png)", "",

@@ -288,9 +288,10 @@ DiT_models = {"DiT-My/2": DiT_My_2}
 
 def dit_arch(cfg) -> dict:
     """The DiT constructor arguments of a `config.DiTConfig` (paper or tiny preset)."""
+    from .conditions import map_channels
     return dict(input_size=cfg.input_size, patch_size=cfg.patch_size, in_channels=4, hidden_size=cfg.hidden_size,
                 depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, learn_sigma=cfg.learn_sigma,
-                cond_dim=cfg.cond_dim, image_channels=3 if cfg.image_map else 0)
+                cond_dim=cfg.cond_dim, image_channels=map_channels(cfg))
 
 
 def dit_from_config(cfg) -> DiT:

@@ -7,7 +7,10 @@ For each expression GLIP returns at most 100 boxes sorted by the phrase score (s
 rescaled to the original image (W/S, H/S per axis) and compared with the ground-truth box: R@1 uses the top
 box, R@5 the top five, UB any kept box; a hit is IoU >= 0.5 (GIoU with --use_giou true). Diff-Prompt's DDIM
 noise is drawn per sample from (seed, dataset index), so the same seed gives the same numbers (the authors drew
-fresh noise at test time, spec S9). Output: RUN/eval/results.{json,md} and RUN/eval/qualitative.png.
+fresh noise at test time, spec S9). Each split also gets R@1 by expression kind (`by_kind`: attribute / extreme /
+relation on the synthetic set, "all" on real data) and, for every method, its R@1 minus zero-shot's on the same
+expressions with the paired standard error (`vs_zeroshot`). Output: RUN/eval/results.{json,md} and
+RUN/eval/qualitative.png.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from .checkpoint import write_json
+from .checkpoint import write_json, write_text
 from .config import Preset
 from .metrics import evaluate_boxes, results_table_markdown, write_results
 from .runtime import autocast, pick_device, progress
@@ -69,6 +72,37 @@ def score_predictions(preds: list[dict], preset: Preset) -> dict:
     boxes = [to_original(p["boxes"], p["size"], preset.data.image_size) for p in preds]
     gt = torch.stack([p["gt"] for p in preds]) if preds else torch.zeros(0, 4)
     return evaluate_boxes(boxes, gt, thr=preset.eval.iou_threshold, use_giou=preset.eval.use_giou)
+
+
+def item_hits(preds: list[dict], preset: Preset) -> torch.Tensor:
+    """(N,) float: 1 where the top box is a hit (original pixels), the per-expression R@1."""
+    from .metrics import _hits
+    boxes = [to_original(p["boxes"], p["size"], preset.data.image_size) for p in preds]
+    gt = torch.stack([p["gt"] for p in preds]) if preds else torch.zeros(0, 4)
+    return _hits(boxes, gt, 1, preset.eval.iou_threshold, preset.eval.use_giou).float()
+
+
+def expression_kinds(dataset, synthetic: bool) -> list[str]:
+    """Per item of a (Subset of a) RefExpDataset: its expression kind on the synthetic set, "all" on real data."""
+    from .synthetic import expression_kind
+    base, indices = (dataset.dataset, list(dataset.indices)) if isinstance(dataset, Subset) else \
+        (dataset, range(len(dataset)))
+    captions = [base.records[base.items[i][0]]["sentences"][base.items[i][1]]["sent"] for i in indices]
+    return [expression_kind(c) if synthetic else "all" for c in captions]
+
+
+def by_kind(hits: torch.Tensor, kinds: list[str]) -> dict:
+    """R@1 in percent per expression kind, and "all"."""
+    hits = hits.double()
+    out = {k: 100.0 * hits[[x == k for x in kinds]].mean().item() for k in dict.fromkeys(kinds) if k != "all"}
+    return {**dict(sorted(out.items())), "all": 100.0 * hits.mean().item()}
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """R@1 of a minus R@1 of b on the same expressions, with the standard error of that paired difference
+    (sd of the per-item differences / √n), both in points."""
+    d = (a - b).double() * 100.0
+    return {"diff": d.mean().item(), "se": (d.std() / len(d) ** 0.5).item() if len(d) > 1 else float("nan")}
 
 
 def split_dataset(data: Path, split: str, preset: Preset, max_items: int = 0):
@@ -133,10 +167,12 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     ev = preset.eval
     eval_dir = Path(out) / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"eval": dataclasses.asdict(ev), "image_size": preset.data.image_size, "amp": preset.prompt.amp}
+    settings = {"eval": dataclasses.asdict(ev), "image_size": preset.data.image_size, "amp": preset.prompt.amp,
+                "glip": preset.prompt.glip_weights, "format": 2}
     datasets = {s: split_dataset(data, s, preset, ev.max_items) for s in ev.splits}
     runs = [("zeroshot", None)] + [(p.name, p) for p in trained_methods(out) if p.name != "zeroshot"]
-    results, samples = {}, {}
+    kinds = {s: expression_kinds(d, synthetic=preset.name == "tiny") for s, d in datasets.items()}
+    results, samples, hits = {}, {}, {}
     for name, folder in runs:
         cache = eval_dir / f"{name}.json"
         stamp = {**settings, "run": json.loads((folder / "config.json").read_text()) if folder else None,
@@ -145,6 +181,7 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
         if resume and cache.exists() and json.loads(cache.read_text()).get("stamp") == stamp:
             cached = json.loads(cache.read_text())
             results[name] = cached["results"]
+            hits[name] = {s: torch.tensor(h, dtype=torch.float) for s, h in cached["hits"].items()}
             samples[name] = [{"boxes": torch.tensor(b).reshape(-1, 4)} for b in cached["samples"]]
             continue
         if folder is None:
@@ -154,17 +191,29 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
         glip.to(device)
         if prompter is not None:
             prompter.to(device)
-        results[name] = {}
+        results[name], hits[name] = {}, {}
         for split, dataset in datasets.items():
             preds = predict(glip, prompter, dataset, preset, device, desc=f"{name} {split}")
-            results[name][split] = score_predictions(preds, preset)
+            hits[name][split] = item_hits(preds, preset)
+            results[name][split] = {**score_predictions(preds, preset),
+                                    "by_kind": by_kind(hits[name][split], kinds[split])}
             if split == ev.splits[0]:
                 samples[name] = preds[:6]
         print(f"[evaluate] {name}: " + ", ".join(f"{s} R@1 {r['R@1']:.1f}" for s, r in results[name].items()),
               flush=True)
         write_json(cache, {"stamp": stamp, "results": results[name],
+                           "hits": {s: h.int().tolist() for s, h in hits[name].items()},
                            "samples": [p["boxes"][:1].tolist() for p in samples[name]]})
+    for name in results:          # every method against the frozen base, on the same expressions
+        for split in results[name]:
+            if name != "zeroshot":
+                results[name][split]["vs_zeroshot"] = paired_difference(hits[name][split], hits["zeroshot"][split])
     write_results(results, eval_dir)
+    first = ev.splits[0]
+    kinds_md = results_table_markdown({m: r[first]["by_kind"] for m, r in results.items()},
+                                      metrics=tuple(results["zeroshot"][first]["by_kind"]))
+    write_text(eval_dir / "results.md", (eval_dir / "results.md").read_text() + f"\n{first} R@1 by expression "
+               "kind:\n\n" + kinds_md)
     qualitative_figure(samples, datasets[ev.splits[0]], preset, eval_dir / "qualitative.png")
     print(results_table_markdown(results), flush=True)
     return results

@@ -6,7 +6,8 @@
 Output (the "data root"): `{train,val,testA,testB}.json` = {"meta", "records"}, one record per referred object
     {ref_id, ann_id, image_id, image, width, height, category_id, category, bbox (xywh, original pixels),
      polygons [[x1, y1, ...], ...], sentences [{"sent", "spans": [[beg, end), ...]}]}
-plus `detection.json` (every object of the train images, for detection pre-training) and `vocab.txt` (a BERT
+plus `detection.json` (every object of the train images with its category and, where the annotation lists them, its
+attribute words, for detection pre-training) and `vocab.txt` (a BERT
 WordPiece vocabulary covering all captions and category names).
 
 Positive spans: with `--mdetr-dir`, each expression takes the `tokens_positive` of the MDETR entry with the same
@@ -255,7 +256,9 @@ def convert_refcoco(refer_dir, coco_images, out, mdetr_dir=None, max_bad_fractio
             box, polys = _box(a.get("bbox"), im["width"], im["height"]), _polygons(a.get("segmentation"))
             if a.get("iscrowd") or box is None or isinstance(polys, str) or a.get("category_id") not in cats:
                 continue
-            objects.append({"bbox": box, "category": cats[a["category_id"]], "polygons": polys})
+            attributes = [w for w in a.get("attributes", []) if isinstance(w, str)]   # synthetic set only
+            objects.append({"bbox": box, "category": cats[a["category_id"]], "attributes": attributes,
+                            "polygons": polys})
         det_images.append({"image": _image_ref(coco_images / im["file_name"], out), "width": im["width"],
                            "height": im["height"], "objects": objects})
 

@@ -223,11 +223,18 @@ class SwinTransformer(nn.Module):
     """Swin v1 returning the four stage outputs [C2, C3, C4, C5] as (B, C, H, W) maps (spec §4.6)."""
 
     def __init__(self, patch_size: int = 4, embed_dim: int = 96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
-                 window_size: int = 7, mlp_ratio: float = 4.0, drop_path_rate: float = 0.2, out_norms: bool = True):
+                 window_size: int = 7, mlp_ratio: float = 4.0, drop_path_rate: float = 0.2, out_norms: bool = True,
+                 ape_grid: int = 0):
         super().__init__()
         self.embed_dim, self.depths = embed_dim, tuple(depths)
         self.num_features = [embed_dim * 2 ** i for i in range(len(depths))]
         self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
+        # Swin's `ape` option (Swin paper §3.3 and its detection code, `absolute_pos_embed`): a learned position
+        # table on a ape_grid² patch grid, resized bicubically to the input's grid and added to the patch tokens.
+        # Windows alone see only relative positions; this tells every token where in the image it is.
+        self.absolute_pos_embed = nn.Parameter(torch.zeros(1, embed_dim, ape_grid, ape_grid)) if ape_grid else None
+        if ape_grid:
+            nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # 0.2*g/11 for global block g
         begin = [sum(depths[:i]) for i in range(len(depths))]
         self.layers = nn.ModuleList([
@@ -276,6 +283,9 @@ class SwinTransformer(nn.Module):
                              f"{self.num_blocks} blocks (one prompt per block at most)")
         B = x.shape[0]
         x, H, W = self.patch_embed(x)  # (B, H*W, C)
+        if self.absolute_pos_embed is not None:
+            pos = F.interpolate(self.absolute_pos_embed, size=(H, W), mode="bicubic", align_corners=False)
+            x = x + rearrange(pos, "1 c h w -> 1 (h w) c")
         outs, g = [], 0
         for i, stage in enumerate(self.layers):
             C = self.num_features[i]

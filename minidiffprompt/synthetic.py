@@ -18,7 +18,8 @@ its object among all objects of the scene: by attributes ("the big green star"),
 ("the leftmost triangle") or by a relation to another uniquely described object ("the small red circle left
 of the blue square"). The positive span (MDETR's tokens_positive) is the referred object's noun phrase: its
 attribute words and shape noun ("small red circle"); position words and the landmark are outside it.
-Splits are by image, like UNC: train 70 %, val 10 %, testA 10 %, testB 10 %. As RefCOCO's testA refers only
+Each annotation also lists the object's attribute words ("attributes": [size, colour], as Visual Genome's
+attribute annotations do), which only the detection pre-training reads. Splits are by image, like UNC: train 70 %, val 10 %, testA 10 %, testB 10 %. As RefCOCO's testA refers only
 to people and testB only to other objects, testA refers only to round shapes (circle, oval, heart) and testB
 only to angular ones; train and val refer to both.
 """
@@ -226,6 +227,20 @@ def _candidates(t: dict, objs: list[dict]) -> list[tuple[str, str, str]]:
     return out
 
 
+KINDS = ("attribute", "extreme", "relation")
+
+
+def expression_kind(sentence: str) -> str:
+    """Which of the generator's three grammars wrote `sentence`: "relation" (to a landmark: "... left of the
+    blue square", "... above the ..."), "extreme" ("the leftmost star", "the oval at the top") or "attribute"."""
+    words = f" {sentence.lower()} "
+    if any(f" {w} the " in words for w in ("of", "above", "below", "under")):
+        return "relation"
+    if any(f" {w} " in words for w in ("leftmost", "rightmost", "top", "bottom", "left", "right")):
+        return "extreme"
+    return "attribute"
+
+
 def _pick_expressions(rng: np.random.Generator, cands: list) -> list[tuple[str, str]]:
     """2-3 distinct expressions: one of each available kind (attr / extreme / relation) first, then any."""
     if not cands:
@@ -289,7 +304,8 @@ def generate(out: str | Path, seed: int = 0, images: int = 1200, size: int = 128
             o["ann"] = {"id": o["ann_id"], "image_id": image_id, "category_id": _CAT_ID[o["shape"]],
                                 "bbox": [x0, y0, round(x1 - x0, 2), round(y1 - y0, 2)], "iscrowd": 0,
                                 "area": round(float(_area(o["points"])), 2),
-                                "segmentation": [[round(float(v), 2) for v in o["points"].reshape(-1)]]}
+                                "segmentation": [[round(float(v), 2) for v in o["points"].reshape(-1)]],
+                                "attributes": [o["size"], o["colour"]]}
             annotations.append(o["ann"])
         # referred objects: 2-4 per image with at least two verified expressions (only the group's in testA/B)
         eligible = [(o, c) for o in objs if group in (None, _GROUP[o["shape"]])

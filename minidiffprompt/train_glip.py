@@ -19,11 +19,13 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from .base_eval import holdout_indices
 from .checkpoint import load_training, restore_training, save_training, save_weights, write_json
 from .config import Preset
 from .data import DetectionDataset, RefExpDataset, collate
@@ -31,6 +33,8 @@ from .distributed import all_reduce_mean, barrier, cleanup, init_distributed, is
 from .glip import GLIP, count_parameters
 from .metrics import evaluate_boxes, recall_at_k
 from .runtime import progress, seed_everything
+from .shipped import resolve_weights
+from .train_bert import load_text_weights
 
 
 def class_prompt(names: list[str]) -> tuple[str, dict]:
@@ -48,26 +52,75 @@ def inclusive_boxes(boxes: torch.Tensor, pixel: float) -> torch.Tensor:
 
 
 def load_detection(data: Path, image_size: int):
-    """All detection images in memory: (images (N,3,S,S), per image (boxes (G,4), category names), names)."""
+    """All detection images in memory: (images (N,3,S,S), per image (boxes (G,4), category names, attribute word
+    lists), category names)."""
     ds = DetectionDataset(data, image_size)
     items = [ds[i] for i in progress(range(len(ds)), desc="load detection images", leave=False)]
     images = torch.stack([it["image"] for it in items])
-    targets = [(inclusive_boxes(it["boxes"], image_size / ds.images[i]["width"]), it["categories"])
+    targets = [(inclusive_boxes(it["boxes"], image_size / ds.images[i]["width"]), it["categories"], it["attributes"])
                for i, it in enumerate(items)]
     return images, targets, ds.categories
 
 
-def make_targets(targets, categories, rng: random.Random, shuffle: bool = True):
-    """A class prompt per image (random name order) and the GLIP targets pointing at each box's name."""
+def phrase_prompt(cats: list[str], attrs: list[list[str]], categories: list[str], rng: random.Random,
+                  attribute_sets: list[tuple], max_phrases: int = 7) -> tuple[str, list[list]]:
+    """A grounding prompt of noun phrases ("small red circle. star. blue square.") and, per box, the spans of the
+    phrases that describe it (every word of the phrase is the box's category or one of its attributes).
+
+    The stand-in for GLIP's grounding pre-training data (phrases with attributes, GLIP paper §3): one phrase per
+    object, its attribute words a random subset of the object's, and negative phrases that describe no object of the
+    image, in a random order. Without attribute annotations (real COCO) the phrases are the category names.
+    """
+    described = list(zip(cats, attrs))
+    describe = lambda c, a: " ".join([w for w in a if rng.random() < 0.6] + [c])   # noqa: E731
+    fits = lambda phrase, c, a: set(phrase.split()) <= {c, *a}                      # noqa: E731
+    phrases = [describe(c, a) for c, a in described]
+    for _ in range(40):                       # negatives: phrases that fit no object of the image
+        if len(set(phrases)) >= max_phrases:
+            break
+        phrase = describe(rng.choice(categories), rng.choice(attribute_sets))
+        if not any(fits(phrase, c, a) for c, a in described):
+            phrases.append(phrase)
+    phrases = list(dict.fromkeys(phrases))[:max_phrases]
+    rng.shuffle(phrases)
+    caption, spans = class_prompt(phrases)
+    return caption, [[spans[p] for p in phrases if fits(p, c, a)] for c, a in described]
+
+
+def make_targets(targets, categories, rng: random.Random, shuffle: bool = True, phrases: float = 0.0):
+    """A prompt per image and the GLIP targets pointing at each box's words: with probability `phrases` a phrase
+    prompt (`phrase_prompt`), else the class prompt with every category name (in a random order)."""
+    attribute_sets = sorted({tuple(a) for _, _, attrs in targets for a in attrs if a})
     captions, out = [], []
-    for boxes, cats in targets:
-        names = list(categories)
-        if shuffle:
-            rng.shuffle(names)
-        caption, spans = class_prompt(names)
+    for boxes, cats, attrs in targets:
+        if attribute_sets and rng.random() < phrases:
+            caption, box_spans = phrase_prompt(cats, attrs, list(categories), rng, attribute_sets)
+        else:
+            names = list(categories)
+            if shuffle:
+                rng.shuffle(names)
+            caption, spans = class_prompt(names)
+            box_spans = [[spans[c]] for c in cats]
         captions.append(caption)
-        out.append({"boxes": boxes, "spans": [[spans[c]] for c in cats]})
+        out.append({"boxes": boxes, "spans": box_spans})
     return captions, out
+
+
+def random_flips(images: torch.Tensor, targets: list[dict], pixels: list[float], rng: random.Random):
+    """Flip each image left-right and/or top-bottom (probability ½ each) with its inclusive boxes: a pixel at x goes
+    to S − pixel − x. Label-preserving while the prompts name no positions (pre-training prompts never do)."""
+    S = images.shape[-1]
+    images, out = images.clone(), []
+    for b, (t, px) in enumerate(zip(targets, pixels)):
+        boxes = t["boxes"].clone()
+        if rng.random() < 0.5:
+            images[b] = images[b].flip(-1)
+            boxes[:, [0, 2]] = S - px - boxes[:, [2, 0]]
+        if rng.random() < 0.5:
+            images[b] = images[b].flip(-2)
+            boxes[:, [1, 3]] = S - px - boxes[:, [3, 1]]
+        out.append({**t, "boxes": boxes})
+    return images, out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,7 +132,7 @@ def detection_recall(model: GLIP, images: torch.Tensor, targets, categories, dev
     """R@1 (IoU ≥ 0.5) when the prompt names a category that occurs exactly once in the image."""
     model.eval()
     caption, spans = class_prompt(list(categories))
-    queries = [(i, boxes[j], c) for i, (boxes, cats) in enumerate(targets) for j, c in enumerate(cats)
+    queries = [(i, boxes[j], c) for i, (boxes, cats, _) in enumerate(targets) for j, c in enumerate(cats)
                if cats.count(c) == 1]
     preds, gts = [], []
     for k in range(0, len(queries), batch_size):
@@ -134,12 +187,16 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     device = init_distributed(getattr(preset, "device", "auto"))   # one process per GPU under torchrun
     seed_everything(cfg.seed)                                         # the same initial weights on every rank
     S = preset.data.image_size
-    vocab = data / "vocab.txt"
-    model = GLIP(dataclasses.replace(cfg, text_vocab=""), vocab_file=vocab).to(device)
+    text = resolve_weights(cfg.text_weights) if cfg.text_weights else None   # an MLM-pretrained small BERT
+    vocab = text / "vocab.txt" if text else data / "vocab.txt"
+    model = GLIP(dataclasses.replace(cfg, text_vocab="", text_weights=""), vocab_file=vocab)
+    if text:
+        load_text_weights(model.language_backbone.body.model, text)
+    model.to(device)
 
     images, targets, categories = load_detection(data, S)
-    n_hold = max(1, int(len(images) * cfg.holdout_fraction))       # held-out detection images
-    train_idx, hold_idx = list(range(len(images) - n_hold)), list(range(len(images) - n_hold, len(images)))
+    pixels = [S / im["width"] for im in DetectionDataset(data, S).images]   # one original pixel in the S frame
+    train_idx, hold_idx = holdout_indices(len(images), cfg.holdout_fraction)   # held-out detection images
     steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
     if world_size() > 1:   # a ragged last batch could leave a rank without images: drop it
         steps_per_epoch = max(1, len(train_idx) // cfg.batch_size)
@@ -177,12 +234,16 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
         sums, bar = {}, progress(range(steps_per_epoch), desc=f"glip epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            captions, tg = make_targets([targets[i] for i in idx], categories, rng, cfg.shuffle_prompt)
+            captions, tg = make_targets([targets[i] for i in idx], categories, rng, cfg.shuffle_prompt,
+                                        cfg.phrase_prompts)
             # the whole global batch's prompts (the same rng draws on every rank), then this rank's share
             share = slice(rank(), None, world_size())
             idx, captions, tg = idx[share], captions[share], tg[share]
+            batch = images[idx]
+            if cfg.flip_augment:
+                batch, tg = random_flips(batch, tg, [pixels[i] for i in idx], rng)
             tg = [{"boxes": t["boxes"].to(device), "spans": t["spans"]} for t in tg]
-            losses = ddp(images[idx].to(device), captions, targets=tg)
+            losses = ddp(batch.to(device), captions, targets=tg)
             loss = sum(losses.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -211,6 +272,7 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     ref = referring_zero_shot(model, data, S, device, max_items=cfg.eval_max_items)
     metrics = {"detection_R@1": det["R@1"], "detection_queries": det["n"], "zero_shot": ref,
                "train_time_s": round(elapsed, 1), "eval_time_s": round(time.time() - t0, 1),
+               "command": " ".join(["python -m minidiffprompt"] + sys.argv[1:]),
                "parameters": count_parameters(model), "history": history}
     if is_main():                                  # every rank evaluated (same numbers); rank 0 writes
         print(f"glip: detection R@1 {det['R@1']:.1f} ({det['n']} held-out queries); zero-shot referring R@1 "

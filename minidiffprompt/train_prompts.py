@@ -54,7 +54,8 @@ def run_config(preset: Preset, cfg: PromptConfig) -> dict:
 
 
 def _stage_path(given: str, out: Path, stage: str, what: str) -> Path:
-    path = Path(given) if given else Path(out) / stage
+    from .shipped import resolve_weights
+    path = resolve_weights(given) if given else Path(out) / stage     # "shipped:NAME": a part the package ships
     if not path.exists():
         raise FileNotFoundError(f"{path}: no {what} found. Train it first (python -m minidiffprompt "
                                 f"train-{stage} --out {out}) or pass --{stage}_weights PATH.")
@@ -62,10 +63,16 @@ def _stage_path(given: str, out: Path, stage: str, what: str) -> Path:
 
 
 def load_glip(preset: Preset, out: Path):
-    """The base detector: RUN/glip (tiny pre-training) or --glip_weights (the official checkpoint)."""
+    """The base detector: --glip_weights (tiny: the shipped one; paper: the official checkpoint), else RUN/glip."""
     from .glip import load_glip_checkpoint
     path = _stage_path(preset.prompt.glip_weights, out, "glip", "GLIP checkpoint")
     return load_glip_checkpoint(path, preset.glip)
+
+
+def load_glip_metrics(preset: Preset, out: Path) -> dict:
+    """The base GLIP's recorded metrics.json ({} for a checkpoint file such as the official one)."""
+    path = _stage_path(preset.prompt.glip_weights, out, "glip", "GLIP checkpoint") / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def load_generator_parts(preset: Preset, out: Path):

@@ -116,3 +116,27 @@ def test_tiny_encoder_image_map():
     assert torch.allclose(img[1, :, 1, 2], (cell - 0.5) * 4, atol=1e-5)
     with pytest.raises(ValueError, match="tiny condition encoder"):
         build_condition_encoder(dataclasses.replace(cfg, condition="clip"))
+
+
+def test_learned_encoder_recipe_and_its_features(tmp_path):
+    """train-clip runs a few steps; the encoder built from its folder gives a layer-normalised map of the DiT's
+    grid (image_map) or a global feature, and a caption feature of norm 10 that depends on the words."""
+    from minidiffprompt import train_clip
+    from minidiffprompt.config import get_preset
+    from minidiffprompt.dit import dit_arch
+    from minidiffprompt.synthetic import ensure_synthetic
+    data = ensure_synthetic(tmp_path / "synth", seed=1, images=30, log=lambda *a: None)
+    preset = get_preset("tiny")
+    preset.clip.steps, preset.clip.batch_size = 3, 8
+    metrics = train_clip.main(preset, data, tmp_path)
+    assert metrics["steps"] == 3 and 0 <= metrics["val_retrieval_top1_of_64"] <= 100
+    cfg = dataclasses.replace(preset.dit, condition="tiny_clip", clip_path=str(tmp_path / "clip"))
+    enc = build_condition_encoder(cfg)
+    images = torch.rand(2, 3, 96, 96)
+    fmap, txt = enc.encode(images, ["the red star", "the leftmost blue circle"])
+    assert fmap.shape == (2, 8, cfg.input_size, cfg.input_size) and dit_arch(cfg)["image_channels"] == 8
+    torch.testing.assert_close(fmap.mean((1, 2, 3)), torch.zeros(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(txt.norm(dim=1), torch.full((2,), 10.0))
+    assert not torch.allclose(txt[0], txt[1])
+    img, _ = build_condition_encoder(dataclasses.replace(cfg, image_map=False)).encode(images, ["a", "b"])
+    assert img.shape == (2, cfg.cond_dim)

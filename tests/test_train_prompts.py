@@ -84,7 +84,8 @@ def make_run(tmp_path):
     save_weights(glip.state_dict(), out / "glip" / "model.safetensors")
     (out / "glip" / "config.json").write_text(json.dumps({"glip": dataclasses.asdict(preset.glip)}))
     shutil.copyfile(data / "vocab.txt", out / "glip" / "vocab.txt")
-    preset.prompt = dataclasses.replace(preset.prompt, epochs=1, max_steps=2, batch_size=8, micro_batch=4)
+    preset.prompt = dataclasses.replace(preset.prompt, epochs=1, max_steps=2, batch_size=8, micro_batch=4,
+                                        glip_weights="")     # "": this run's glip/, not the shipped one
     preset.eval = dataclasses.replace(preset.eval, batch_size=8, max_items=6)
     return preset, data, out
 
@@ -106,4 +107,9 @@ def test_tiny_harness_trains_resumes_and_evaluates_reproducibly(tmp_path, monkey
     second = evaluate.main(preset, data, out, resume=False)
     assert set(first) == {"zeroshot", "diffprompt", "vpt"} and set(first["diffprompt"]) == {"val", "testA", "testB"}
     assert first == second                                                        # same seed, same numbers
+    val = first["vpt"]["val"]
+    assert set(val["by_kind"]) <= {"attribute", "extreme", "relation", "all"}
+    assert abs(val["by_kind"]["all"] - val["R@1"]) < 1e-4
+    assert abs(val["vs_zeroshot"]["diff"] - (val["R@1"] - first["zeroshot"]["val"]["R@1"])) < 1e-4
+    assert evaluate.main(preset, data, out) == first                              # the per-method cache hits
     assert (out / "eval" / "results.md").exists() and (out / "eval" / "qualitative.png").exists()

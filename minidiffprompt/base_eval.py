@@ -1,0 +1,145 @@
+"""How strong is the frozen base? Detection, zero-shot referring by expression kind, and where position lives.
+
+    python -m minidiffprompt eval-base --preset tiny --out base.json                   # the shipped tiny GLIP
+    python -m minidiffprompt eval-base --preset tiny --glip_weights runs/tiny/glip --out base.json
+    python -m minidiffprompt eval-base --preset tiny --probe --out base.json          # + the position probe
+    python -m minidiffprompt eval-base --preset paper --glip_weights random --image_size 224 \
+        --data data/synthref/processed --out probe.json    # the probe alone, on a randomly initialised GLIP
+
+Writes {"detection_R@1", "referring_R@1": {"attribute", "extreme", "relation", "all"}} in percent:
+  detection   held-out detection images (the last `holdout_fraction` of `detection.json`, never trained on): the
+              prompt names every category, the query is a category that occurs exactly once, R@1 at IoU ≥ 0.5;
+  referring   the whole val split, zero-shot, by expression kind on the synthetic set (`synthetic.expression_kind`;
+              on real data every expression is "all").
+With --probe, also `position_R2`: how well a linear map recovers a box centre from the region features that
+score it (the DyHead output at the box's ATSS positives), on held-out images. GLIP-T(A) has no vision-language
+fusion, so a caption can only pick "the leftmost star" if those features carry where they are.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import write_json
+from .config import Preset
+from .data import glip_normalize
+
+
+def holdout_indices(n: int, fraction: float) -> tuple[list[int], list[int]]:
+    """(train, held-out) indices of the detection images: the last `fraction` (at least one) is held out."""
+    n_hold = max(1, int(n * fraction))
+    return list(range(n - n_hold)), list(range(n - n_hold, n))
+
+
+@torch.no_grad()
+def referring_by_kind(model, data: Path, split: str, image_size: int, device, batch_size: int = 64,
+                      synthetic: bool = True) -> dict:
+    """Zero-shot R@1 in percent per expression kind and "all", and the count per kind."""
+    from .data import RefExpDataset, collate
+    from .metrics import _hits
+    from .synthetic import KINDS, expression_kind
+    model.eval()
+    ds = RefExpDataset(data, split, image_size)
+    kinds, hits = [], []
+    for k in range(0, len(ds), batch_size):
+        batch = collate([ds[i] for i in range(k, min(k + batch_size, len(ds)))])
+        dets = model(batch["image"].to(device), batch["caption"], spans=batch["spans"])
+        hits.append(_hits([d["boxes"].cpu() for d in dets], batch["box"], 1, 0.5, False))
+        kinds += [expression_kind(c) if synthetic else "all" for c in batch["caption"]]
+    hits = torch.cat(hits).float()
+    out = {kind: 100.0 * hits[[k == kind for k in kinds]].mean().item()
+           for kind in (KINDS if synthetic else ()) if kind in kinds}
+    out["all"] = 100.0 * hits.mean().item()
+    out["n"] = {kind: kinds.count(kind) for kind in sorted(set(kinds))} | {"all": len(kinds)}
+    return out
+
+
+@torch.no_grad()
+def region_features(model, images01: torch.Tensor, boxes: list[torch.Tensor], batch_size: int = 16):
+    """(features (P, C), box centres (P, 2) in [0, 1], image index (P,)) at every ATSS positive of every box.
+
+    The features are what the head dots with the token features (spec §8): the DyHead output, level by level,
+    flattened in the head's order; ATSS picks the positives exactly as in training (`atss.atss_assign`).
+    """
+    from .atss import atss_assign
+    model.eval()
+    S = images01.shape[-1]
+    feats_out, centres, owner = [], [], []
+    for k in range(0, len(images01), batch_size):
+        x = images01[k:k + batch_size]
+        feats = model.backbone.fpn(model.backbone.body(glip_normalize(x)))
+        for block in model.rpn.head.dyhead_tower:
+            feats = block(feats)
+        anchors = model.rpn.anchor_generator([tuple(f.shape[-2:]) for f in feats])
+        flat = torch.cat([f.flatten(2) for f in feats], 2).transpose(1, 2)          # (b, A, C)
+        for j in range(len(x)):
+            gt = boxes[k + j].float()
+            idx = atss_assign(torch.cat(anchors), [a.shape[0] for a in anchors], gt, model.cfg.atss_topk)
+            pos = torch.nonzero(idx >= 0).squeeze(1)
+            g = gt[idx[pos]]
+            feats_out.append(flat[j, pos])
+            centres.append(torch.stack([(g[:, 0] + g[:, 2]) / 2, (g[:, 1] + g[:, 3]) / 2], 1) / S)
+            owner.append(torch.full((len(pos),), k + j))
+    return torch.cat(feats_out).double(), torch.cat(centres).double(), torch.cat(owner)
+
+
+def linear_probe_r2(x: torch.Tensor, y: torch.Tensor, owner: torch.Tensor, ridge: float = 1e-3,
+                    train_fraction: float = 0.7) -> float:
+    """Held-out R² (mean over y's columns) of a ridge regression fitted on the first `train_fraction` of the images
+    and scored on the rest. Features are standardised with the training statistics."""
+    images = owner.unique()
+    if len(images) < 4:
+        raise ValueError(f"the position probe needs at least 4 images with boxes, got {len(images)}")
+    cut = images[int(len(images) * train_fraction)]
+    tr, te = owner < cut, owner >= cut
+    mu, sd = x[tr].mean(0), x[tr].std(0).clamp(min=1e-8)
+    a = torch.cat([(x - mu) / sd, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    eye = torch.eye(a.shape[1], dtype=x.dtype) * ridge * tr.sum()
+    w = torch.linalg.solve(a[tr].T @ a[tr] + eye, a[tr].T @ y[tr])
+    resid = ((a[te] @ w - y[te]) ** 2).sum(0)
+    total = ((y[te] - y[te].mean(0)) ** 2).sum(0)
+    return float((1 - resid / total).mean())
+
+
+def position_probe(model, images01: torch.Tensor, boxes: list[torch.Tensor]) -> dict:
+    x, y, owner = region_features(model, images01, boxes)
+    return {"R2": linear_probe_r2(x, y, owner), "positives": len(x), "images": len(images01)}
+
+
+def main(preset: Preset, data: Path, out: Path, resume: bool = True, probe: bool = False) -> dict:
+    """Evaluate the base GLIP of `preset` (its --glip_weights, the shipped one by default) and write `out`."""
+    from .runtime import pick_device
+    from .train_glip import detection_recall, load_detection
+    from .train_prompts import load_glip
+    t0 = time.time()
+    device = pick_device(getattr(preset, "device", "auto"))
+    S = preset.data.image_size
+    images, targets, categories = load_detection(Path(data), S)
+    _, hold = holdout_indices(len(images), preset.glip.holdout_fraction)
+    if preset.prompt.glip_weights == "random":     # the architecture alone: only the probe means anything
+        from .glip import GLIP
+        from .runtime import seed_everything
+        seed_everything(preset.glip.seed)
+        model = GLIP(preset.glip, vocab_file=Path(data) / "vocab.txt").eval()
+        result = {"position_R2": position_probe(model, images[hold], [targets[i][0] for i in hold]),
+                  "weights": "random initialisation", "image_size": S, "seconds": round(time.time() - t0, 1)}
+        print(f"eval-base: position probe R² {result['position_R2']['R2']:.3f} (random weights, {S} px)")
+        write_json(out, result)
+        return result
+    model = load_glip(preset, Path(out).parent).to(device).eval()
+    det = detection_recall(model, images[hold], [targets[i] for i in hold], categories, device)
+    synthetic = preset.name == "tiny"
+    ref = referring_by_kind(model, Path(data), "val", S, device, synthetic=synthetic)
+    result = {"detection_R@1": det["R@1"], "detection_queries": det["n"],
+              "referring_R@1": {k: v for k, v in ref.items() if k != "n"}, "referring_expressions": ref["n"]}
+    if probe:
+        result["position_R2"] = position_probe(model.cpu(), images[hold], [targets[i][0] for i in hold])
+    result["seconds"] = round(time.time() - t0, 1)
+    print(f"eval-base: detection R@1 {det['R@1']:.1f} ({det['n']} held-out queries); zero-shot referring R@1 on val "
+          + ", ".join(f"{k} {v:.1f}" for k, v in result["referring_R@1"].items())
+          + (f"; position probe R² {result['position_R2']['R2']:.3f}" if probe else ""))
+    write_json(out, result)
+    return result

@@ -1,0 +1,164 @@
+"""The tiny preset's pretrained base: MLM pre-training of the small BERT, phrase prompts for GLIP pre-training,
+Swin's absolute position option, the expression kinds, the linear position probe, and the `eval-base` command."""
+import json
+import random
+
+import pytest
+import torch
+
+from minidiffprompt.base_eval import linear_probe_r2
+from minidiffprompt.config import get_preset
+from minidiffprompt.swin import SwinTransformer
+from minidiffprompt.synthetic import _candidates, expression_kind, scene_objects
+from minidiffprompt.train_bert import mask_tokens
+from minidiffprompt.train_glip import make_targets, phrase_prompt
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from minidiffprompt.synthetic import ensure_synthetic
+    return ensure_synthetic(tmp_path_factory.mktemp("synth"), seed=1, images=30, size=128, log=lambda *a: None)
+
+
+def test_expression_kind_matches_the_generator():
+    """The kind read off a sentence is the grammar that wrote it, for every candidate of 40 scenes."""
+    seen = set()
+    for i in range(40):
+        objs = scene_objects(5, i, 128, "train")
+        for t in objs:
+            for kind, sentence, _ in _candidates(t, objs):
+                assert expression_kind(sentence) == {"attr": "attribute"}.get(kind, kind), sentence
+                seen.add(kind)
+    assert seen == {"attr", "extreme", "relation"}
+
+
+def test_phrase_prompt_spans_describe_their_boxes():
+    rng = random.Random(0)
+    cats, attrs = ["star", "circle", "star"], [["small", "red"], ["big", "red"], ["big", "blue"]]
+    pool = [("small", "green"), ("big", "red"), ("small", "red"), ("big", "blue")]
+    for _ in range(50):
+        caption, spans = phrase_prompt(cats, attrs, ["star", "circle", "square"], rng, pool)
+        phrases = [p for p in caption.rstrip(".").split(". ")]
+        assert len(spans) == 3
+        for c, a, box_spans in zip(cats, attrs, spans):
+            assert box_spans, "every box is named by at least its own phrase"
+            for b, e in box_spans:
+                assert set(caption[b:e].split()) <= {c, *a}
+        described = {caption[b:e] for s in spans for b, e in s}
+        for p in phrases:   # the others are negatives: no object has all their words
+            if p not in described:
+                assert not any(set(p.split()) <= {c, *a} for c, a in zip(cats, attrs)), p
+
+
+def test_make_targets_without_attributes_falls_back_to_class_prompts():
+    rng = random.Random(0)
+    boxes = torch.tensor([[0.0, 0, 10, 10]])
+    captions, targets = make_targets([(boxes, ["star"], [[]])], ["circle", "star"], rng, phrases=1.0)
+    assert set(captions[0].rstrip(".").split(". ")) == {"circle", "star"}
+    b, e = targets[0]["spans"][0][0]
+    assert captions[0][b:e] == "star"
+
+
+def test_bert_masking_follows_the_80_10_10_rule():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 100, (400, 50))
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    special[:, 0] = True
+    inputs, labels = mask_tokens(ids, special, mask_id=4, vocab_size=100, g=g)
+    chosen = labels != -100
+    assert not chosen[:, 0].any()
+    assert abs(chosen.float().mean().item() - 0.15 * 49 / 50) < 0.01
+    assert torch.equal(labels[chosen], ids[chosen])
+    masked = (inputs == 4) & chosen
+    kept = (inputs == ids) & chosen
+    assert abs(masked.sum() / chosen.sum() - 0.8) < 0.03
+    assert 0.08 < kept.sum() / chosen.sum() < 0.13          # 10 % unchanged + random draws that hit the same id
+    assert torch.equal(inputs[~chosen], ids[~chosen])
+
+
+def test_linear_probe_r2_recovers_a_linear_map_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    owner = torch.arange(400).repeat_interleave(5)
+    x = torch.randn(len(owner), 16, generator=g, dtype=torch.float64)
+    y = torch.stack([x[:, 0] * 0.3 + x[:, 3] * 0.1, -x[:, 5] * 0.2], 1)
+    assert linear_probe_r2(x, y + 1e-3 * torch.randn(y.shape, generator=g, dtype=torch.float64), owner) > 0.99
+    assert linear_probe_r2(x, torch.rand(y.shape, generator=g, dtype=torch.float64), owner) < 0.05
+
+
+def test_swin_absolute_position_option():
+    """Off (GLIP-T(A)): no extra parameter, and a token's output does not depend on where its window is. On: the
+    table is added to the patch tokens, resized to any input grid."""
+    torch.manual_seed(0)
+    off = SwinTransformer(4, 16, (2, 2), (1, 2), window_size=4, drop_path_rate=0.0).eval()
+    assert not any("absolute_pos_embed" in k for k in off.state_dict())
+    on = SwinTransformer(4, 16, (2, 2), (1, 2), window_size=4, drop_path_rate=0.0, ape_grid=8).eval()
+    on.load_state_dict({**off.state_dict(), "absolute_pos_embed": on.absolute_pos_embed.detach() * 0}, strict=True)
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.allclose(on(x)[0], off(x)[0], atol=1e-6)          # a zero table is no table
+    with torch.no_grad():
+        on.absolute_pos_embed.normal_()
+    assert not torch.allclose(on(x)[0], off(x)[0], atol=1e-3)
+    assert on(torch.randn(1, 3, 48, 48))[0].shape == (1, 16, 12, 12)  # another grid: the table is resized
+
+
+def test_train_bert_recipe_runs_and_loads_into_glip(data, tmp_path):
+    from minidiffprompt import train_bert
+    from minidiffprompt.glip import GLIP
+    preset = get_preset("tiny")
+    preset.bert.steps, preset.bert.batch_size = 20, 16
+    metrics = train_bert.main(preset, data, tmp_path)
+    assert metrics["steps"] == 20 and 0 <= metrics["val_masked_accuracy"] <= 100
+    folder = tmp_path / "bert"
+    glip = GLIP(preset.glip, vocab_file=folder / "vocab.txt")
+    before = glip.language_backbone.body.model.embeddings.word_embeddings.weight.clone()
+    train_bert.load_text_weights(glip.language_backbone.body.model, folder)
+    assert not torch.equal(before, glip.language_backbone.body.model.embeddings.word_embeddings.weight)
+    assert train_bert.main(preset, data, tmp_path) == metrics          # a finished run is reused
+
+
+def test_train_glip_recipe_runs_with_phrase_prompts_and_pretrained_text(data, tmp_path):
+    """The shipped GLIP's recipe (MLM BERT, phrase prompts, Swin position table) for a few steps."""
+    from minidiffprompt import train_bert, train_glip
+    preset = get_preset("tiny")
+    preset.bert.steps, preset.bert.batch_size = 5, 8
+    train_bert.main(preset, data, tmp_path)
+    g = preset.glip
+    g.epochs, g.eval_max_items, g.text_weights = 1, 4, str(tmp_path / "bert")
+    g.phrase_prompts, g.swin_ape = 0.5, 24
+    metrics = train_glip.main(preset, data, tmp_path)
+    assert metrics["history"][0]["loss_token"] > 0 and "command" in metrics
+    assert (tmp_path / "glip" / "vocab.txt").read_text() == (tmp_path / "bert" / "vocab.txt").read_text()
+
+
+def test_eval_base_writes_the_issue_format(data, tmp_path):
+    from minidiffprompt import train_glip
+    from minidiffprompt.__main__ import main
+    preset = get_preset("tiny")
+    preset.glip.epochs, preset.glip.eval_max_items = 1, 2
+    train_glip.main(preset, data, tmp_path)
+    out = tmp_path / "base.json"
+    main(["eval-base", "--preset", "tiny", "--data", str(data), "--glip_weights", str(tmp_path / "glip"),
+          "--out", str(out), "--probe", "--holdout_fraction", "0.5"])
+    result = json.loads(out.read_text())
+    assert set(result["referring_R@1"]) <= {"attribute", "extreme", "relation", "all"}
+    assert "all" in result["referring_R@1"] and 0 <= result["detection_R@1"] <= 100
+    assert result["referring_expressions"]["all"] == sum(v for k, v in result["referring_expressions"].items()
+                                                         if k != "all")
+    assert -1 < result["position_R2"]["R2"] <= 1
+
+
+def test_random_flips_move_boxes_with_the_pixels():
+    from minidiffprompt.train_glip import inclusive_boxes, random_flips
+    S, px = 32, 0.5                                        # an original image of 64 px shown at 32
+    img = torch.zeros(1, 3, S, S)
+    img[0, :, 4:10, 20:30] = 1.0                           # rows 4..9, columns 20..29
+    box = inclusive_boxes(torch.tensor([[20.0, 4.0, 30.0, 10.0]]), px)
+    seen = set()
+    for seed in range(12):
+        out, tg = random_flips(img, [{"boxes": box, "spans": []}], [px], random.Random(seed))
+        x1, y1, x2, y2 = tg[0]["boxes"][0].tolist()
+        on = out[0, 0].nonzero()
+        assert (on[:, 1].min(), on[:, 0].min()) == (round(x1), round(y1))          # continuous x1 = first pixel
+        assert (on[:, 1].max() + 1 - px, on[:, 0].max() + 1 - px) == (x2, y2)      # inclusive x2 = last − pixel
+        seen.add((x1, y1))
+    assert len(seen) == 4                                   # all four flip combinations occurred
