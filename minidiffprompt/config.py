@@ -198,6 +198,7 @@ class PromptConfig:
     visual: bool = True
     textual: bool = True
     generated: bool = True         # the L/2 mask-specific tokens
+    oracle_masks: bool = False     # diagnostic: the ground-truth mask at every depth instead of DDIM samples
     global_tokens: bool = True     # the L/2 learnable global tokens
     ddim_steps: int = 25
     eta: float = 0.0

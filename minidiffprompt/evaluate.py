@@ -50,7 +50,8 @@ def predict(glip, prompter, dataset, preset: Preset, device, batch_size: int | N
         images = batch["image"].to(device)
         seeds = sample_seeds(batch["index"], preset.eval.seed)
         with autocast(device, preset.prompt.amp):
-            visual, textual = prompter(images, batch["caption"], seeds) if prompter is not None else (None, None)
+            visual, textual = prompter(images, batch["caption"], seeds, true_masks=batch.get("mask")) \
+                if prompter is not None else (None, None)
             preds = glip(images, batch["caption"], visual_prompts=visual, textual_prompts=textual,
                          spans=batch["spans"])
         out += [{"boxes": p["boxes"].float().cpu(), "scores": p["scores"].float().cpu(),
@@ -105,9 +106,10 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor) -> dict:
     return {"diff": d.mean().item(), "se": (d.std() / len(d) ** 0.5).item() if len(d) > 1 else float("nan")}
 
 
-def split_dataset(data: Path, split: str, preset: Preset, max_items: int = 0):
+def split_dataset(data: Path, split: str, preset: Preset, max_items: int = 0, masks: bool = False):
+    """The split's expressions (the first `max_items`); with `masks`, each item carries its object's true mask."""
     from .data import RefExpDataset
-    dataset = RefExpDataset(data, split, preset.data.image_size)
+    dataset = RefExpDataset(data, split, preset.data.image_size, mask_size=preset.data.mask_size if masks else None)
     if max_items and max_items < len(dataset):
         dataset = Subset(dataset, range(max_items))
     return dataset
@@ -115,7 +117,8 @@ def split_dataset(data: Path, split: str, preset: Preset, max_items: int = 0):
 
 def evaluate_split(glip, prompter, data: Path, split: str, preset: Preset, device, max_items: int = 0) -> dict:
     """Metrics of one (GLIP, prompt module) pair on one split."""
-    dataset = split_dataset(data, split, preset, max_items)
+    oracle = bool(getattr(getattr(prompter, "cfg", None), "oracle_masks", False))
+    dataset = split_dataset(data, split, preset, max_items, masks=oracle)
     return score_predictions(predict(glip, prompter, dataset, preset, device, desc=split), preset)
 
 
@@ -169,8 +172,9 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     eval_dir.mkdir(parents=True, exist_ok=True)
     settings = {"eval": dataclasses.asdict(ev), "image_size": preset.data.image_size, "amp": preset.prompt.amp,
                 "glip": preset.prompt.glip_weights, "format": 2}
-    datasets = {s: split_dataset(data, s, preset, ev.max_items) for s in ev.splits}
     runs = [("zeroshot", None)] + [(p.name, p) for p in trained_methods(out) if p.name != "zeroshot"]
+    oracle = any(json.loads((p / "config.json").read_text())["prompt"].get("oracle_masks") for _, p in runs[1:])
+    datasets = {s: split_dataset(data, s, preset, ev.max_items, masks=oracle) for s in ev.splits}
     kinds = {s: expression_kinds(d, synthetic=preset.name == "tiny") for s, d in datasets.items()}
     results, samples, hits = {}, {}, {}
     for name, folder in runs:

@@ -56,7 +56,8 @@ class DiffPromptGenerator(nn.Module):
         kw = dict(generated=cfg.generated, global_=cfg.global_tokens, in_size=mask_size)
         self.dit2vision = MaskAdapter(cfg.length, vision_dim, cfg.depth, **kw) if cfg.visual else None
         self.dit2language = MaskAdapter(cfg.length, text_dim, cfg.depth, **kw) if cfg.textual else None
-        self.needs_masks = cfg.generated  # without specific tokens nothing is sampled at all
+        # without specific tokens nothing is sampled at all; with oracle masks the true mask replaces the samples
+        self.needs_masks = cfg.generated and not cfg.oracle_masks
         if self.needs_masks:
             authors_keep_policy(cfg.ddim_steps, cfg.depth)  # fails early when depth needs more DDIM steps
             self.vae = freeze(vae)
@@ -104,9 +105,16 @@ class DiffPromptGenerator(nn.Module):
         masks = self.vae.decode(latents.flatten(0, 1).float())       # (D*B, 1, M, M), one batched decode
         return masks.unflatten(0, (d, b))                            # (D, B, 1, M, M)
 
-    def forward(self, images01: torch.Tensor, captions: list[str], seeds: list[int] | None = None):
+    def forward(self, images01: torch.Tensor, captions: list[str], seeds: list[int] | None = None,
+                true_masks: torch.Tensor | None = None):
+        """→ (visual, textual) prompts. With `cfg.oracle_masks` (a diagnostic) `true_masks` (B, 1, M, M), the
+        referred object's ground-truth mask, stands at every depth: what the mask path can carry at best."""
         b = images01.shape[0]
         masks = self.sample_masks(images01, captions, seeds) if self.needs_masks else None
+        if self.cfg.oracle_masks and self.cfg.generated:
+            if true_masks is None:
+                raise ValueError("oracle_masks: pass the ground-truth masks (true_masks=(B, 1, M, M))")
+            masks = true_masks.to(images01.device, images01.dtype).expand(self.depth, *true_masks.shape)
         visual = self.dit2vision.forward_all(masks, b) if self.dit2vision is not None else None
         textual = self.dit2language.forward_all(masks, b) if self.dit2language is not None else None
         return visual, textual
@@ -127,7 +135,7 @@ class LearnablePrompts(nn.Module):
     def trainable_state_dict(self) -> dict:
         return self.state_dict()
 
-    def forward(self, images01: torch.Tensor, captions: list[str] | None = None, seeds=None):
+    def forward(self, images01: torch.Tensor, captions: list[str] | None = None, seeds=None, true_masks=None):
         b = images01.shape[0]
         visual = [p(b) for p in self.visual] if self.visual is not None else None
         textual = [p(b) for p in self.textual] if self.textual is not None else None

@@ -98,7 +98,8 @@ def build_prompter(preset: Preset, out: Path, cfg: PromptConfig | None = None):
     cfg = cfg or preset.prompt
     g = preset.glip
     if cfg.method == "diffprompt":
-        parts = load_generator_parts(preset, out) if cfg.generated else (None, None, None, None)
+        sampled = cfg.generated and not cfg.oracle_masks
+        parts = load_generator_parts(preset, out) if sampled else (None, None, None, None)
         return DiffPromptGenerator(*parts, cfg, vision_dim=g.embed_dim, text_dim=g.text_hidden,
                                    mask_size=preset.data.mask_size, guidance=preset.dit.guidance)
     if cfg.method == "vpt":
@@ -149,7 +150,9 @@ def prompt_loss(glip, prompter, batch: dict, device) -> tuple[torch.Tensor, dict
     """Generate prompts (Diff-Prompt: fresh DDIM noise, spec S9) and return GLIP's summed grounding loss."""
     images = batch["image"].to(device)
     captions = batch["caption"]
-    visual, textual = prompter(images, captions) if prompter is not None else (None, None)
+    # the batch holds masks only for the oracle diagnostic (PromptConfig.oracle_masks)
+    visual, textual = prompter(images, captions, true_masks=batch.get("mask")) if prompter is not None \
+        else (None, None)
     targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
                for t in grounding_targets(batch)]
     losses = glip(images, captions, targets=targets, visual_prompts=visual, textual_prompts=textual)
@@ -198,7 +201,8 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
             torch.set_rng_state(state["rng"])
         if world_size() > 1:
             torch.manual_seed(cfg.seed + 1000 * rank() + start_epoch)   # fresh DDIM noise differs per rank (spec S9)
-        dataset = RefExpDataset(data, "train", preset.data.image_size)
+        dataset = RefExpDataset(data, "train", preset.data.image_size,
+                                mask_size=preset.data.mask_size if cfg.oracle_masks else None)
         micro = min(cfg.micro_batch, cfg.batch_size)
         accum = max(1, cfg.batch_size // (micro * world_size()))   # micro batches are per process
         loader = DataLoader(dataset, batch_size=micro, shuffle=True, collate_fn=collate, drop_last=False,

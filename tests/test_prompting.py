@@ -131,3 +131,19 @@ def test_condition_encoder_input_train_or_authors_glip_tensor():
     images, _ = batch(2)
     torch.testing.assert_close(seen[0], images * 2 - 1)          # what the DiT was trained with (spec §2.4)
     torch.testing.assert_close(seen[1], glip_normalize(images))  # what the authors' stage 3 fed CLIP (spec S6)
+
+
+def test_oracle_masks_feed_the_true_mask_at_every_depth():
+    """The diagnostic needs no generator: the given mask stands at every depth, and the prompts follow it."""
+    cfg = PromptConfig(depth=3, length=4, oracle_masks=True)
+    gen = DiffPromptGenerator(None, None, None, None, cfg, vision_dim=8, text_dim=16, mask_size=32).eval()
+    assert not gen.needs_masks
+    images = torch.rand(2, 3, 32, 32)
+    a, b = torch.zeros(2, 1, 32, 32), torch.zeros(2, 1, 32, 32)
+    a[:, :, 2:10, 2:10], b[:, :, 20:30, 20:30] = 1, 1
+    with torch.no_grad():
+        (va, ta), (vb, tb) = gen(images, ["x", "y"], true_masks=a), gen(images, ["x", "y"], true_masks=b)
+    assert len(va) == len(ta) == 3 and va[0].shape == (2, 4, 8) and ta[0].shape == (2, 4, 16)
+    assert all(not torch.allclose(x, y) for x, y in zip(va, vb))
+    with pytest.raises(ValueError, match="ground-truth masks"):
+        gen(images, ["x", "y"])

@@ -103,9 +103,11 @@ def test_tiny_harness_trains_resumes_and_evaluates_reproducibly(tmp_path, monkey
     preset.prompt.method = "vpt"
     vpt = train_prompts.main(preset, data, out)
     assert vpt["trainable_parameters"] == preset.prompt.depth * preset.prompt.length * preset.glip.embed_dim
+    preset.prompt = dataclasses.replace(preset.prompt, method="diffprompt", oracle_masks=True, tag="oracle")
+    assert len(train_prompts.main(preset, data, out)["step_losses"]) == 2      # true masks, no DDIM
     first = evaluate.main(preset, data, out, resume=False)
     second = evaluate.main(preset, data, out, resume=False)
-    assert set(first) == {"zeroshot", "diffprompt", "vpt"} and set(first["diffprompt"]) == {"val", "testA", "testB"}
+    assert set(first) == {"zeroshot", "diffprompt", "diffprompt-oracle", "vpt"} and set(first["diffprompt"]) == {"val", "testA", "testB"}
     assert first == second                                                        # same seed, same numbers
     val = first["vpt"]["val"]
     assert set(val["by_kind"]) <= {"attribute", "extreme", "relation", "all"}
