@@ -17,7 +17,6 @@ fusion, so a caption can only pick "the leftmost star" if those features carry w
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 

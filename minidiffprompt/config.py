@@ -70,7 +70,7 @@ class DiTConfig:
     num_heads: int = 8
     mlp_ratio: float = 4.0
     learn_sigma: bool = True
-    condition: str = "clip"        # "clip" (ViT-B/32 via transformers) or "tiny" (no download)
+    condition: str = "clip"        # "clip" (ViT-B/32 via transformers), "tiny_clip" (shipped) or "tiny" (hand-built)
     clip_path: str = "openai/clip-vit-base-patch32"  # local folder or HF-cache name; never downloaded
     cond_dim: int = 512
     image_map: bool = False        # tiny option: the image as a map beside x_t instead of a global feature
@@ -92,7 +92,9 @@ class DiTConfig:
 
     @classmethod
     def tiny(cls) -> "DiTConfig":
-        return cls(input_size=16, patch_size=4, hidden_size=128, depth=4, num_heads=4, condition="tiny", cond_dim=128,
+        # the condition encoder: the shipped CLIP-like towers (train_clip.py); `--condition tiny` is the hand-built one
+        return cls(input_size=16, patch_size=4, hidden_size=128, depth=4, num_heads=4, condition="tiny_clip",
+                   clip_path="shipped:tiny_clip", cond_dim=128,
                    image_map=True, batch_size=64, epochs=20, lr=3e-3, ema_decay=0.99, cache_latents=True,
                    posterior_sample=False, x0_weight_cap=20.0)
 
@@ -175,14 +177,15 @@ class GLIPConfig:
     def tiny(cls) -> "GLIPConfig":
         # The stand-in for GLIP-T(A)'s Objects365 pre-training, run once and shipped (minidiffprompt/pretrained/
         # tiny_glip, with the exact command in its metrics.json). Its language backbone starts from the MLM-pretrained
-        # small BERT (train_bert.py) and stays frozen: fine-tuning it at GLIP's 0.1× language lr learned more slowly
-        # (README). Half of the prompts are attribute phrases, images are flipped, and Swin's absolute position
-        # table is on: without it the tiny model's region features hardly carry where they are (README, position).
+        # small BERT (train_bert.py) and is fine-tuned, as GLIP fine-tunes bert-base, at 0.1× the lr: frozen, the
+        # detector learned far more slowly (README). Half of the prompts are attribute phrases, images are flipped,
+        # and Swin's absolute position table is on: without it the tiny model's region features hardly carry where
+        # they are (README, position probe).
         return cls(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, drop_path_rate=0.0,
                    fpn_channels=32, fpn_drop_block=0.0, dyhead_blocks=1, anchor_scale=2.0, text_model="",
                    text_hidden=64, text_layers=4, text_heads=2, max_query_len=32, lr=2e-3, head_lr_mult=10.0,
-                   text_weights="shipped:tiny_bert", text_lr_mult=0.0, swin_ape=24, phrase_prompts=0.5,
-                   flip_augment=True, batch_size=16, epochs=80)
+                   text_weights="shipped:tiny_bert", text_lr_mult=0.1, swin_ape=24, phrase_prompts=0.5,
+                   flip_augment=True, batch_size=16, epochs=60)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,12 +1,17 @@
 """Tiny GLIP pre-training on the synthetic detection split, then zero-shot evaluation of the frozen detector.
 
-    python -m minidiffprompt train-glip --preset tiny                  # → runs/tiny/glip/
-    python -m minidiffprompt train-glip --preset tiny --epochs 20 --anchor_scale 3
+    python -m minidiffprompt train-glip --preset tiny                  # → runs/tiny/glip/ (the shipped recipe)
+    python -m minidiffprompt train-glip --preset tiny --text_weights runs/tiny/bert    # from your own train-bert
 
-The stand-in for GLIP's Objects365 pre-training: every image is paired with a class-name prompt
-("star. circle. square. ...", all categories, in a random order per sample so that no name is tied to a token
-position) and all its boxes, and the whole detector trains with GLIP's own grounding loss (spec/GLIP_T_A.md §12).
-A few detection images are held out. Afterwards the model is frozen and evaluated zero-shot:
+The stand-in for GLIP-T(A)'s Objects365 pre-training, run once and shipped (minidiffprompt/pretrained/tiny_glip):
+every train image is paired with a prompt and all its boxes, and the whole detector trains with GLIP's own
+grounding loss (GLIP paper §3.1; spec/GLIP_T_A.md §12). A prompt is either the class prompt ("star. circle. ...",
+all categories, in a random order per sample so that no name is tied to a token position) or, with probability
+`phrase_prompts`, a list of attribute phrases with negatives ("small red circle. star. blue square.", the
+stand-in for GLIP's grounding data; `phrase_prompt`). Images are flipped at random (`flip_augment`): no prompt
+names a position. The language backbone starts from `text_weights` (the MLM-pretrained small BERT of
+train_bert.py) and trains at `text_lr_mult` × lr (0 freezes it). A few detection images are held out.
+Afterwards the model is frozen and evaluated zero-shot:
   detection  R@1 when the prompt names a category that occurs exactly once in a held-out image;
   referring  R@1 / R@5 / UB on the synthetic RefCOCO splits (caption = the expression, score = mean probability
              of its noun-phrase tokens, spec §14), which stage 3 then improves with prompts.
@@ -195,6 +200,9 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     model.to(device)
 
     images, targets, categories = load_detection(data, S)
+    if cfg.phrase_prompts and not any(a for t in targets for a in t[2]) and is_main():
+        print(f"train-glip: {data / 'detection.json'} lists no attribute words, so every prompt is a class prompt "
+              "(phrase_prompts needs the attributes that `data_prep.py synthetic` writes; regenerate an older set)")
     pixels = [S / im["width"] for im in DetectionDataset(data, S).images]   # one original pixel in the S frame
     train_idx, hold_idx = holdout_indices(len(images), cfg.holdout_fraction)   # held-out detection images
     steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)

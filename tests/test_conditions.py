@@ -78,7 +78,7 @@ def test_clip_encoder_missing_folder_says_what_to_do(tmp_path):
 
 
 def test_tiny_encoder_deterministic_and_informative():
-    cfg = dataclasses.replace(DiTConfig.tiny(), image_map=False)
+    cfg = dataclasses.replace(DiTConfig.tiny(), condition="tiny", image_map=False)
     a, b = build_condition_encoder(cfg), build_condition_encoder(cfg)
     images = torch.rand(3, 3, 96, 96)
     caps = ["the red circle left of the blue square", "the blue square left of the red circle", "the red circle"]
@@ -107,7 +107,7 @@ def test_tiny_encoder_deterministic_and_informative():
 
 def test_tiny_encoder_image_map():
     """With image_map the image feature is the image on the latent grid (6×6-pixel means here), centred."""
-    cfg = dataclasses.replace(DiTConfig.tiny(), image_map=True)
+    cfg = dataclasses.replace(DiTConfig.tiny(), condition="tiny", image_map=True)
     enc = build_condition_encoder(cfg)
     images = torch.rand(2, 3, 96, 96)
     img, txt = enc.encode(images, ["the red circle", "the big square"])

@@ -144,6 +144,6 @@ def test_oracle_masks_feed_the_true_mask_at_every_depth():
     with torch.no_grad():
         (va, ta), (vb, tb) = gen(images, ["x", "y"], true_masks=a), gen(images, ["x", "y"], true_masks=b)
     assert len(va) == len(ta) == 3 and va[0].shape == (2, 4, 8) and ta[0].shape == (2, 4, 16)
-    assert all(not torch.allclose(x, y) for x, y in zip(va, vb))
+    assert all(not torch.allclose(x, y) for x, y in zip(va + ta, vb + tb))
     with pytest.raises(ValueError, match="ground-truth masks"):
         gen(images, ["x", "y"])

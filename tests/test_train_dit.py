@@ -23,6 +23,7 @@ def data(tmp_path_factory):
 def _preset(epochs=2):
     p = get_preset("tiny")
     p.dit.hidden_size = p.dit.cond_dim = 32
+    p.dit.condition = "tiny"             # the hand-built encoder takes any width; the shipped tiny CLIP gives 128
     p.dit.depth, p.dit.num_heads, p.dit.batch_size, p.dit.epochs = 1, 2, 16, epochs
     p.dit.eval_items, p.dit.ddim_steps = 8, 5
     return p
