@@ -8,6 +8,7 @@ import torch
 
 from minidiffprompt.conditions import TinyConditionEncoder
 from minidiffprompt.config import GLIPConfig, PromptConfig
+from minidiffprompt.data import glip_normalize
 from minidiffprompt.diffusion import GaussianDiffusion, get_betas
 from minidiffprompt.dit import DiT
 from minidiffprompt.glip import GLIP
@@ -115,3 +116,37 @@ def test_tiny_harness_trains_resumes_and_evaluates_reproducibly(tmp_path, monkey
     assert abs(val["vs_zeroshot"]["diff"] - (val["R@1"] - first["zeroshot"]["val"]["R@1"])) < 1e-4
     assert evaluate.main(preset, data, out) == first                              # the per-method cache hits
     assert (out / "eval" / "results.md").exists() and (out / "eval" / "qualitative.png").exists()
+
+
+def test_trained_text_prompts_change_the_token_features_and_the_scores(tmp_path):
+    """A few steps of the deep text-prompt baseline on the shipped GLIP move the prompts, the caption's token
+    features and the region-token scores away from zero-shot's (the baseline is not a no-op)."""
+    from minidiffprompt.data import RefExpDataset, collate
+    from minidiffprompt.glip import load_glip_checkpoint
+    from minidiffprompt.prompting import LearnablePrompts, freeze
+    from minidiffprompt.shipped import shipped
+    from minidiffprompt.synthetic import ensure_synthetic
+    torch.manual_seed(0)
+    data = ensure_synthetic(tmp_path / "synth", images=30, log=lambda *a: None)
+    glip = freeze(load_glip_checkpoint(shipped("tiny_glip")))
+    prompts = LearnablePrompts(depth=4, length=8, text_dim=glip.cfg.text_hidden)
+    start = [p.detach().clone() for p in prompts.parameters()]
+    batch = collate([RefExpDataset(data, "train", 96)[i] for i in range(8)])
+    opt = torch.optim.AdamW(prompts.parameters(), lr=3e-3)
+    for _ in range(5):
+        loss, _ = prompt_loss(glip, prompts, batch, torch.device("cpu"))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(start, prompts.parameters()))
+    with torch.no_grad():
+        plain, mask = glip.encode_text(batch["caption"])
+        _, textual = prompts(batch["image"])
+        prompted, _ = glip.encode_text(batch["caption"], textual)
+        real = mask.bool()
+        change = (prompted - plain)[real].norm(dim=-1) / plain[real].norm(dim=-1)
+        assert change.mean() > 1e-2                               # every real token's feature moved
+        feats = glip.backbone.fpn(glip.backbone.body(glip_normalize(batch["image"])))
+        s0 = glip.rpn.head(feats, plain)["logits"]
+        s1 = glip.rpn.head(feats, prompted)["logits"]
+        assert (s1 - s0)[real[:, None, :].expand_as(s0)].abs().max() > 1e-2
