@@ -7,7 +7,8 @@
        detection split by `train-glip`, as GLIP-T(A) comes pre-trained on Objects365)
     5. stage 3: VPT-deep, deep text prompts and Diff-Prompt tuning of the frozen GLIP (train_prompts)
     6. R@1 / R@5 / UB of zero-shot GLIP and every method on val, testA, testB (evaluate)
-    7. RUN/report.md with figures, RUN/results.json (method -> split -> {"R@1", "R@5", "UB"} in percent)
+    7. RUN/report.md with figures, RUN/results.json (method -> split -> {"R@1", "R@5", "UB", "by_kind",
+       "vs_zeroshot"} in percent)
 
 Every stage resumes or reuses what a previous run left in the run folder, so a second call is instant. The last
 line printed is the run folder.
@@ -182,8 +183,10 @@ def write_report(preset: Preset, root: Path, out: Path, results: dict, timings: 
     from .metrics import results_table_markdown
     figs = out / "figures"
     figs.mkdir(exist_ok=True)
-    table = {m: {s: {k: round(v[k], 2) for k in ("R@1", "R@5", "UB")} for s, v in per.items()}
-             for m, per in results.items()}
+    rounded = lambda d: {k: round(x, 2) for k, x in d.items()}   # noqa: E731
+    table = {m: {s: {**rounded({k: v[k] for k in ("R@1", "R@5", "UB")}), "by_kind": rounded(v["by_kind"]),
+                     **({"vs_zeroshot": rounded(v["vs_zeroshot"])} if "vs_zeroshot" in v else {})}
+                 for s, v in per.items()} for m, per in results.items()}
     write_json(out / "results.json", table)
     figure_data(root, preset, figs / "data_samples.png")
     figure_vae(root, preset, out, figs / "vae_reconstructions.png")
@@ -196,6 +199,7 @@ def write_report(preset: Preset, root: Path, out: Path, results: dict, timings: 
     stage["glip"] = load_glip_metrics(preset, out)
     prompts = {f.name: json.loads((f / "metrics.json").read_text()) for f in sorted((out / "prompts").glob("*"))
                if (f / "metrics.json").exists()}
+    first = preset.eval.splits[0]
     base, dp = table.get("zeroshot", {}), table.get("diffprompt", {})
     gain = {s: dp[s]["R@1"] - base[s]["R@1"] for s in dp if s in base}
     hit = "GIoU" if preset.eval.use_giou else "IoU"
@@ -206,6 +210,12 @@ def write_report(preset: Preset, root: Path, out: Path, results: dict, timings: 
         "split (val, testA: round shapes only, testB: angular shapes only); nothing is measured on train.", "",
         results_table_markdown({LABELS.get(m, m): v for m, v in table.items()}),
         "Diff-Prompt − zero-shot, R@1: " + ", ".join(f"{s} {g:+.2f}" for s, g in gain.items()) + " points.", "",
+        f"R@1 on {first} by expression kind, and each method minus zero-shot on the same expressions (± the "
+        "standard error of that paired difference):", "",
+        results_table_markdown({LABELS.get(m, m): {**v[first]["by_kind"], **(
+            {"minus zero-shot": v[first]["vs_zeroshot"]["diff"], "± se": v[first]["vs_zeroshot"]["se"]}
+            if "vs_zeroshot" in v[first] else {})} for m, v in table.items()},
+            metrics=(*table["zeroshot"][first]["by_kind"], "minus zero-shot", "± se")),
         "![R@1 per split](figures/results.png)", "",
         "## Trainable parameters (stage 3)", "",
         "| method | trainable parameters | steps | training time (s) |", "|---|---|---|---|",

@@ -182,6 +182,7 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
         stamp = {**settings, "run": json.loads((folder / "config.json").read_text()) if folder else None,
                  "weights_mtime": (folder / "model.safetensors").stat().st_mtime
                  if folder and (folder / "model.safetensors").exists() else None}
+        stamp = json.loads(json.dumps(stamp))      # tuples → lists: compares equal to the stored one
         if resume and cache.exists() and json.loads(cache.read_text()).get("stamp") == stamp:
             cached = json.loads(cache.read_text())
             results[name] = cached["results"]

@@ -114,7 +114,8 @@ def test_tiny_harness_trains_resumes_and_evaluates_reproducibly(tmp_path, monkey
     assert set(val["by_kind"]) <= {"attribute", "extreme", "relation", "all"}
     assert abs(val["by_kind"]["all"] - val["R@1"]) < 1e-4
     assert abs(val["vs_zeroshot"]["diff"] - (val["R@1"] - first["zeroshot"]["val"]["R@1"])) < 1e-4
-    assert evaluate.main(preset, data, out) == first                              # the per-method cache hits
+    monkeypatch.setattr(evaluate, "predict", lambda *a, **k: pytest.fail("the evaluation cache missed"))
+    assert evaluate.main(preset, data, out) == first                              # every method from its cache
     assert (out / "eval" / "results.md").exists() and (out / "eval" / "qualitative.png").exists()
 
 
