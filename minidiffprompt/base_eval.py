@@ -33,27 +33,14 @@ def holdout_indices(n: int, fraction: float) -> tuple[list[int], list[int]]:
     return list(range(n - n_hold)), list(range(n - n_hold, n))
 
 
-@torch.no_grad()
-def referring_by_kind(model, data: Path, split: str, image_size: int, device, batch_size: int = 64,
-                      synthetic: bool = True) -> dict:
-    """Zero-shot R@1 in percent per expression kind and "all", and the count per kind."""
-    from .data import RefExpDataset, collate
-    from .metrics import _hits
-    from .synthetic import KINDS, expression_kind
-    model.eval()
-    ds = RefExpDataset(data, split, image_size)
-    kinds, hits = [], []
-    for k in range(0, len(ds), batch_size):
-        batch = collate([ds[i] for i in range(k, min(k + batch_size, len(ds)))])
-        dets = model(batch["image"].to(device), batch["caption"], spans=batch["spans"])
-        hits.append(_hits([d["boxes"].cpu() for d in dets], batch["box"], 1, 0.5, False))
-        kinds += [expression_kind(c) if synthetic else "all" for c in batch["caption"]]
-    hits = torch.cat(hits).float()
-    out = {kind: 100.0 * hits[[k == kind for k in kinds]].mean().item()
-           for kind in (KINDS if synthetic else ()) if kind in kinds}
-    out["all"] = 100.0 * hits.mean().item()
-    out["n"] = {kind: kinds.count(kind) for kind in sorted(set(kinds))} | {"all": len(kinds)}
-    return out
+def referring_by_kind(model, data: Path, split: str, preset: Preset, device) -> dict:
+    """Zero-shot R@1 in percent per expression kind and "all", and the count per kind, through the same
+    prediction and scoring as `evaluate` (no prompts)."""
+    from .evaluate import by_kind, expression_kinds, item_hits, predict, split_dataset
+    dataset = split_dataset(data, split, preset)
+    hits = item_hits(predict(model, None, dataset, preset, device, desc=f"zero-shot {split}"), preset)
+    kinds = expression_kinds(dataset, synthetic=preset.name == "tiny")
+    return {**by_kind(hits, kinds), "n": {k: kinds.count(k) for k in sorted(set(kinds))} | {"all": len(kinds)}}
 
 
 @torch.no_grad()
@@ -130,8 +117,7 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True, probe: bool
         return result
     model = load_glip(preset, Path(out).parent).to(device).eval()
     det = detection_recall(model, images[hold], [targets[i] for i in hold], categories, device)
-    synthetic = preset.name == "tiny"
-    ref = referring_by_kind(model, Path(data), "val", S, device, synthetic=synthetic)
+    ref = referring_by_kind(model, Path(data), "val", preset, device)
     result = {"detection_R@1": det["R@1"], "detection_queries": det["n"],
               "referring_R@1": {k: v for k, v in ref.items() if k != "n"}, "referring_expressions": ref["n"]}
     if probe:

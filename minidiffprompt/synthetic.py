@@ -227,9 +227,6 @@ def _candidates(t: dict, objs: list[dict]) -> list[tuple[str, str, str]]:
     return out
 
 
-KINDS = ("attribute", "extreme", "relation")
-
-
 def expression_kind(sentence: str) -> str:
     """Which of the generator's three grammars wrote `sentence`: "relation" (to a landmark: "... left of the
     blue square", "... above the ..."), "extreme" ("the leftmost star", "the oval at the top") or "attribute"."""
