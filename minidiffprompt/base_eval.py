@@ -47,8 +47,8 @@ def referring_by_kind(model, data: Path, split: str, preset: Preset, device) -> 
 def region_features(model, images01: torch.Tensor, boxes: list[torch.Tensor], batch_size: int = 16):
     """(features (P, C), box centres (P, 2) in [0, 1], image index (P,)) at every ATSS positive of every box.
 
-    The features are what the head dots with the token features (spec §8): the DyHead output, level by level,
-    flattened in the head's order; ATSS picks the positives exactly as in training (`atss.atss_assign`).
+    The features are what the head dots with the token features (`head.GroundingHead`): the DyHead output, level
+    by level, flattened in the head's order; ATSS picks the positives exactly as in training (`atss.atss_assign`).
     """
     from .atss import atss_assign
     model.eval()

@@ -19,9 +19,9 @@ its object among all objects of the scene: by attributes ("the big green star"),
 of the blue square"). The positive span (MDETR's tokens_positive) is the referred object's noun phrase: its
 attribute words and shape noun ("small red circle"); position words and the landmark are outside it.
 Each annotation also lists the object's attribute words ("attributes": [size, colour], as Visual Genome's
-attribute annotations do), which only the detection pre-training reads. Splits are by image, like UNC: train 70 %, val 10 %, testA 10 %, testB 10 %. As RefCOCO's testA refers only
-to people and testB only to other objects, testA refers only to round shapes (circle, oval, heart) and testB
-only to angular ones; train and val refer to both.
+attribute annotations do), which only the detection pre-training reads. Splits are by image, like UNC: train 70 %,
+val 10 %, testA 10 %, testB 10 %. As RefCOCO's testA refers only to people and testB only to other objects, testA
+refers only to round shapes (circle, oval, heart) and testB only to angular ones; train and val refer to both.
 """
 from __future__ import annotations
 

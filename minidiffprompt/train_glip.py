@@ -5,7 +5,7 @@
 
 The stand-in for GLIP-T(A)'s Objects365 pre-training, run once and shipped (minidiffprompt/pretrained/tiny_glip):
 every train image is paired with a prompt and all its boxes, and the whole detector trains with GLIP's own
-grounding loss (GLIP paper §3.1; spec/GLIP_T_A.md §12). A prompt is either the class prompt ("star. circle. ...",
+grounding loss (GLIP paper §3.1; `atss.grounding_losses`). A prompt is either the class prompt ("star. circle. ...",
 all categories, in a random order per sample so that no name is tied to a token position) or, with probability
 `phrase_prompts`, a list of attribute phrases with negatives ("small red circle. star. blue square.", the
 stand-in for GLIP's grounding data; `phrase_prompt`). Images are flipped at random (`flip_augment`): no prompt
@@ -14,7 +14,7 @@ train_bert.py) and trains at `text_lr_mult` × lr (0 freezes it). A few detectio
 Afterwards the model is frozen and evaluated zero-shot:
   detection  R@1 when the prompt names a category that occurs exactly once in a held-out image;
   referring  R@1 / R@5 / UB on the synthetic RefCOCO splits (caption = the expression, score = mean probability
-             of its noun-phrase tokens, spec §14), which stage 3 then improves with prompts.
+             of its noun-phrase tokens, `head.decode_detections`), which stage 3 then improves with prompts.
 Output: RUN/glip/{checkpoint.pt (resumable), model.safetensors, config.json, vocab.txt, metrics.json}.
 """
 from __future__ import annotations
