@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import sys
 from pathlib import Path
 
 from .checkpoint import CheckpointMismatch
@@ -59,13 +61,11 @@ def ship_main(argv: list[str]):
     parser.add_argument("name", help="the shipped name, e.g. tiny_glip")
     parser.add_argument("--extra", type=Path, help="a JSON file whose entries join metrics.json (eval-base's)")
     args = parser.parse_args(argv)
-    import json
     extra = json.loads(args.extra.read_text()) if args.extra else None
     print(ship(args.run, args.name, extra))
 
 
 def main(argv: list[str] | None = None):
-    import sys
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["ship"]:
         return ship_main(argv[1:])

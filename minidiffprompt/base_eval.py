@@ -27,12 +27,6 @@ from .config import Preset
 from .data import glip_normalize
 
 
-def holdout_indices(n: int, fraction: float) -> tuple[list[int], list[int]]:
-    """(train, held-out) indices of the detection images: the last `fraction` (at least one) is held out."""
-    n_hold = max(1, int(n * fraction))
-    return list(range(n - n_hold)), list(range(n - n_hold, n))
-
-
 def referring_by_kind(model, data: Path, split: str, preset: Preset, device) -> dict:
     """Zero-shot R@1 in percent per expression kind and "all", and the count per kind, through the same
     prediction and scoring as `evaluate` (no prompts)."""
@@ -95,15 +89,15 @@ def position_probe(model, images01: torch.Tensor, boxes: list[torch.Tensor]) -> 
     return {"R2": linear_probe_r2(x, y, owner), "positives": len(x), "images": len(images01)}
 
 
-def main(preset: Preset, data: Path, out: Path, resume: bool = True, probe: bool = False) -> dict:
+def main(preset: Preset, data: Path, out: Path, probe: bool = False) -> dict:
     """Evaluate the base GLIP of `preset` (its --glip_weights, the shipped one by default) and write `out`."""
     from .runtime import pick_device
-    from .train_glip import detection_recall, load_detection
+    from .train_glip import detection_recall, holdout_indices, load_detection
     from .train_prompts import load_glip
     t0 = time.time()
     device = pick_device(getattr(preset, "device", "auto"))
     S = preset.data.image_size
-    images, targets, categories = load_detection(Path(data), S)
+    images, targets, categories, _ = load_detection(Path(data), S)
     _, hold = holdout_indices(len(images), preset.glip.holdout_fraction)
     if preset.prompt.glip_weights == "random":     # the architecture alone: only the probe means anything
         from .glip import GLIP

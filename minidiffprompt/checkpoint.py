@@ -49,6 +49,28 @@ def same_but_epochs(a: dict, b: dict, section: str) -> bool:
     return strip(a) == strip(b)
 
 
+def finished_run(folder, config: dict) -> dict | None:
+    """The metrics of a finished run in `folder` (weights, config.json and metrics.json present) whose stored
+    config equals `config`, else None. `config` is compared as JSON stores it (tuples as lists)."""
+    folder = Path(folder)
+    if not all((folder / f).exists() for f in ("model.safetensors", "config.json", "metrics.json")):
+        return None
+    if json.loads((folder / "config.json").read_text()) != json.loads(json.dumps(config)):
+        return None
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def write_run(folder, state_dict: dict, config: dict, metrics: dict, vocab=None) -> None:
+    """A finished run: model.safetensors, vocab.txt (a copy of `vocab`), config.json, then metrics.json, whose
+    presence marks the run complete."""
+    folder = Path(folder)
+    save_weights(state_dict, folder / "model.safetensors")
+    if vocab is not None:
+        write_text(folder / "vocab.txt", Path(vocab).read_text(encoding="utf-8"))
+    write_json(folder / "config.json", config)
+    write_json(folder / "metrics.json", metrics)
+
+
 def save_weights(state_dict: dict, path) -> Path:
     """Write a state dict as safetensors, atomically. Shared storage (tied weights) is cloned apart."""
     from safetensors.torch import save_file

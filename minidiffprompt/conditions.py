@@ -159,7 +159,6 @@ class LearnedConditionEncoder(ConditionEncoder):
         from .train_clip import load_tiny_clip
         self.model, self.tokenizer = load_tiny_clip(resolve_weights(folder))
         self.dim, self.image_map, self.scale = self.model.cfg.dim, image_map, scale
-        self.map_channels = self.model.cfg.map_channels
 
     @torch.no_grad()
     def encode(self, images01, captions):

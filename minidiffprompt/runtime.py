@@ -4,10 +4,16 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+
+def command_line() -> str:
+    """The command that is running, as a user would type it (recorded in the metrics of runs that ship)."""
+    return " ".join(["python -m minidiffprompt"] + sys.argv[1:])
 
 
 def pick_device(name: str = "auto") -> torch.device:

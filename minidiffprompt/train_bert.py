@@ -14,10 +14,7 @@ pre-training reads it through `--text_weights`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
-import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -25,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM
 
-from .checkpoint import save_weights, write_json
+from .checkpoint import finished_run, write_run
 from .config import Preset
 from .data import load_records
-from .runtime import progress, seed_everything
+from .runtime import command_line, progress, seed_everything
 from .text import load_tokenizer
 
 
@@ -90,10 +87,8 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     cfg, data, folder = preset.bert, Path(data), Path(out) / "bert"
     arch = {k: getattr(preset.glip, k) for k in ("text_hidden", "text_layers", "text_heads", "max_query_len")}
     config = {"bert": dataclasses.asdict(cfg), "arch": arch, "data": str(data)}
-    config = json.loads(json.dumps(config))
-    if resume and (folder / "metrics.json").exists() and (folder / "config.json").exists():
-        if json.loads((folder / "config.json").read_text()) == config:
-            return json.loads((folder / "metrics.json").read_text())
+    if resume and (done := finished_run(folder, config)) is not None:
+        return done
     t_start = time.time()
     seed_everything(cfg.seed)
     vocab = data / "vocab.txt"
@@ -128,15 +123,10 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     final = masked_accuracy(model, tok, val, preset.glip.max_query_len)
     metrics = {"val_masked_accuracy": final["accuracy"], "val_masked_loss": final["loss"],
                "val_masked_tokens": final["tokens"], "corpus_texts": len(texts), "steps": cfg.steps,
-               "train_time_s": round(time.time() - t_start, 1), "command": " ".join(["python -m minidiffprompt"]
-                                                                                   + sys.argv[1:]),
-               "history": history}
+               "train_time_s": round(time.time() - t_start, 1), "command": command_line(), "history": history}
     print(f"bert: masked-token accuracy on val expressions {final['accuracy']:.1f} % "
           f"({final['tokens']} tokens), {metrics['train_time_s']:.0f} s")
-    save_weights(model.bert.state_dict(), folder / "model.safetensors")
-    shutil.copyfile(vocab, folder / "vocab.txt")
-    write_json(folder / "config.json", config)
-    write_json(folder / "metrics.json", metrics)
+    write_run(folder, model.bert.state_dict(), config, metrics, vocab)
     return metrics
 
 

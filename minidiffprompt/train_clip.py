@@ -20,8 +20,6 @@ import dataclasses
 import json
 import math
 import random
-import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -29,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import save_weights, write_json
+from .checkpoint import finished_run, write_run
 from .config import Preset
-from .runtime import progress, seed_everything
+from .runtime import command_line, progress, seed_everything
 from .text import clean_caption, load_tokenizer
 
 
@@ -136,11 +134,9 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     vocab = data / "vocab.txt"
     tok = load_tokenizer(vocab)
     arch = TinyCLIPConfig(vocab_size=len(tok), dim=preset.dit.cond_dim, map_size=preset.dit.input_size)
-    config = json.loads(json.dumps({"clip": dataclasses.asdict(cfg), "arch": dataclasses.asdict(arch),
-                                    "data": str(data)}))
-    if resume and (folder / "metrics.json").exists() and (folder / "config.json").exists():
-        if json.loads((folder / "config.json").read_text()) == config:
-            return json.loads((folder / "metrics.json").read_text())
+    config = {"clip": dataclasses.asdict(cfg), "arch": dataclasses.asdict(arch), "data": str(data)}
+    if resume and (done := finished_run(folder, config)) is not None:
+        return done
     t_start = time.time()
     seed_everything(cfg.seed)
     S = preset.data.image_size
@@ -167,10 +163,7 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
             bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{history[-1]['val_retrieval']:.1f}")
     val = retrieval_accuracy(model, tok, val_images, val_texts)
     metrics = {"val_retrieval_top1_of_64": val, "steps": cfg.steps, "train_time_s": round(time.time() - t_start, 1),
-               "command": " ".join(["python -m minidiffprompt"] + sys.argv[1:]), "history": history}
+               "command": command_line(), "history": history}
     print(f"clip: val retrieval (expression → its image among 64) {val:.1f} %, {metrics['train_time_s']:.0f} s")
-    save_weights(model.state_dict(), folder / "model.safetensors")
-    shutil.copyfile(vocab, folder / "vocab.txt")
-    write_json(folder / "config.json", config)
-    write_json(folder / "metrics.json", metrics)
+    write_run(folder, model.state_dict(), config, metrics, vocab)
     return metrics

@@ -23,21 +23,18 @@ import dataclasses
 import json
 import math
 import random
-import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .base_eval import holdout_indices
-from .checkpoint import load_training, restore_training, save_training, save_weights, write_json
+from .checkpoint import finished_run, load_training, restore_training, save_training, write_run
 from .config import Preset
 from .data import DetectionDataset, RefExpDataset, collate
 from .distributed import all_reduce_mean, barrier, cleanup, init_distributed, is_main, rank, world_size, wrap_ddp
 from .glip import GLIP, count_parameters
 from .metrics import evaluate_boxes, recall_at_k
-from .runtime import progress, seed_everything
+from .runtime import command_line, progress, seed_everything
 from .shipped import resolve_weights
 from .train_bert import load_text_weights
 
@@ -58,13 +55,19 @@ def inclusive_boxes(boxes: torch.Tensor, pixel: float) -> torch.Tensor:
 
 def load_detection(data: Path, image_size: int):
     """All detection images in memory: (images (N,3,S,S), per image (boxes (G,4), category names, attribute word
-    lists), category names)."""
+    lists), category names, per image the size of one original pixel in the S frame)."""
     ds = DetectionDataset(data, image_size)
     items = [ds[i] for i in progress(range(len(ds)), desc="load detection images", leave=False)]
     images = torch.stack([it["image"] for it in items])
-    targets = [(inclusive_boxes(it["boxes"], image_size / ds.images[i]["width"]), it["categories"], it["attributes"])
-               for i, it in enumerate(items)]
-    return images, targets, ds.categories
+    pixels = [image_size / im["width"] for im in ds.images]
+    targets = [(inclusive_boxes(it["boxes"], px), it["categories"], it["attributes"]) for it, px in zip(items, pixels)]
+    return images, targets, ds.categories, pixels
+
+
+def holdout_indices(n: int, fraction: float) -> tuple[list[int], list[int]]:
+    """(train, held-out) indices of the detection images: the last `fraction` (at least one) is held out."""
+    n_hold = max(1, int(n * fraction))
+    return list(range(n - n_hold)), list(range(n - n_hold, n))
 
 
 def phrase_prompt(cats: list[str], attrs: list[list[str]], categories: list[str], rng: random.Random,
@@ -184,10 +187,8 @@ def _run_config(preset: Preset, data: Path) -> dict:
 def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     cfg, data, folder = preset.glip, Path(data), Path(out) / "glip"
     config = _run_config(preset, data)
-    done = folder / "metrics.json"
-    if resume and done.exists() and (folder / "model.safetensors").exists() and (folder / "config.json").exists():
-        if json.loads((folder / "config.json").read_text()) == config:
-            return json.loads(done.read_text())
+    if resume and (done := finished_run(folder, config)) is not None:
+        return done
     folder.mkdir(parents=True, exist_ok=True)
     device = init_distributed(getattr(preset, "device", "auto"))   # one process per GPU under torchrun
     seed_everything(cfg.seed)                                         # the same initial weights on every rank
@@ -199,11 +200,10 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
         load_text_weights(model.language_backbone.body.model, text)
     model.to(device)
 
-    images, targets, categories = load_detection(data, S)
+    images, targets, categories, pixels = load_detection(data, S)
     if cfg.phrase_prompts and not any(a for t in targets for a in t[2]) and is_main():
         print(f"train-glip: {data / 'detection.json'} lists no attribute words, so every prompt is a class prompt "
               "(phrase_prompts needs the attributes that `data_prep.py synthetic` writes; regenerate an older set)")
-    pixels = [S / im["width"] for im in DetectionDataset(data, S).images]   # one original pixel in the S frame
     train_idx, hold_idx = holdout_indices(len(images), cfg.holdout_fraction)   # held-out detection images
     steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
     if world_size() > 1:   # a ragged last batch could leave a rank without images: drop it
@@ -280,15 +280,12 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     ref = referring_zero_shot(model, data, S, device, max_items=cfg.eval_max_items)
     metrics = {"detection_R@1": det["R@1"], "detection_queries": det["n"], "zero_shot": ref,
                "train_time_s": round(elapsed, 1), "eval_time_s": round(time.time() - t0, 1),
-               "command": " ".join(["python -m minidiffprompt"] + sys.argv[1:]),
+               "command": command_line(),
                "parameters": count_parameters(model), "history": history}
     if is_main():                                  # every rank evaluated (same numbers); rank 0 writes
         print(f"glip: detection R@1 {det['R@1']:.1f} ({det['n']} held-out queries); zero-shot referring R@1 "
               + ", ".join(f"{s} {r['R@1']:.1f}" for s, r in ref.items()))
-        save_weights(model.state_dict(), folder / "model.safetensors")
-        shutil.copyfile(vocab, folder / "vocab.txt")
-        write_json(folder / "config.json", config)
-        write_json(folder / "metrics.json", metrics)   # written last: its presence marks the stage complete
+        write_run(folder, model.state_dict(), config, metrics, vocab)
     barrier()
     cleanup()
     return metrics

@@ -61,15 +61,14 @@ def test_shipped_weights_load_strictly():
 
 def test_shipped_glip_reaches_its_recorded_detection_recall(tmp_path):
     """Re-measure the held-out detection R@1 on the default synthetic set (the one it was evaluated on)."""
-    from minidiffprompt.base_eval import holdout_indices
     from minidiffprompt.config import get_preset
     from minidiffprompt.glip import load_glip_checkpoint
     from minidiffprompt.synthetic import ensure_synthetic
-    from minidiffprompt.train_glip import detection_recall, load_detection
+    from minidiffprompt.train_glip import detection_recall, holdout_indices, load_detection
     torch.set_num_threads(1)
     preset = get_preset("tiny")
     data = ensure_synthetic(tmp_path / "synthref", log=lambda *a: None)   # seed 0, 1200 images: the default set
-    images, targets, categories = load_detection(data, preset.data.image_size)
+    images, targets, categories, _ = load_detection(data, preset.data.image_size)
     _, hold = holdout_indices(len(images), preset.glip.holdout_fraction)
     folder = shipped("tiny_glip")
     recorded = json.loads((folder / "metrics.json").read_text())
