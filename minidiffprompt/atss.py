@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou, sigmoid_focal_loss
 
+from .distributed import all_reduce_sum, world_size
 from .head import BoxCoder
 
 
@@ -28,7 +29,9 @@ def atss_assign(anchors: torch.Tensor, num_per_level: list[int], gt: torch.Tenso
     ious = box_iou_inclusive(anchors, gt)                                   # (A, G)
     a_ctr = (anchors[:, :2] + anchors[:, 2:]) / 2                           # (A, 2)
     g_ctr = (gt[:, :2] + gt[:, 2:]) / 2                                     # (G, 2)
-    dist = torch.cdist(a_ctr, g_ctr)                                        # (A, G)
+    # the exact distance of GLIP's ATSSLossComputation.prepare_targets (`modeling/rpn/loss.py`); torch.cdist switches
+    # to a matrix-product formula for large inputs, which flips nearly tied 9th/10th candidates
+    dist = (a_ctr[:, None] - g_ctr[None]).pow(2).sum(-1).sqrt()             # (A, G)
     # 1. candidates: the top-k closest anchor centres on every level
     cands, start = [], 0
     for n in num_per_level:
@@ -76,41 +79,71 @@ def centerness_target(anchors: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(lr.amin(1) / lr.amax(1) * tb.amin(1) / tb.amax(1))
 
 
+def atss_targets(anchors: list[torch.Tensor], gt_boxes: list[torch.Tensor], box_coder: BoxCoder, topk: int = 9):
+    """Per image: the matched GT index per anchor (−1 for negatives) and, at the positives, the anchors and their
+    GT boxes as the original sees them (encoded against the anchor, then decoded)."""
+    num_per_level = [a.shape[0] for a in anchors]
+    all_anchors = torch.cat(anchors)                                        # (A, 4)
+    for g in gt_boxes:
+        g = g.to(all_anchors)
+        idx = atss_assign(all_anchors, num_per_level, g, topk)
+        anc = all_anchors[idx >= 0]
+        yield idx, anc, box_coder.decode(box_coder.encode(g[idx[idx >= 0]], anc), anc)
+
+
+def loss_normalizers(anchors: list[torch.Tensor], gt_boxes: list[torch.Tensor], box_coder: BoxCoder,
+                     topk: int = 9) -> torch.Tensor:
+    """(2,) float64: the number of ATSS positives and the sum of their centerness targets over a batch, the two
+    denominators of GLIP's losses. Neither depends on the network's outputs, so a trainer can count a whole
+    effective batch (every micro-batch, every process) before the first forward pass."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for idx, anc, target in atss_targets(anchors, gt_boxes, box_coder, topk):
+        total += torch.tensor([float((idx >= 0).sum()), float(centerness_target(anc, target).sum())],
+                              dtype=torch.float64)
+    return total
+
+
 def grounding_losses(out: dict, anchors: list[torch.Tensor], gt_boxes: list[torch.Tensor],
                      gt_tokens: list[torch.Tensor], text_mask: torch.Tensor, box_coder: BoxCoder,
-                     topk: int = 9, reg_weight: float = 2.0, alpha: float = 0.25, gamma: float = 2.0) -> dict:
-    """GLIP's training losses for one process (spec §12, number of GPUs = 1).
+                     topk: int = 9, reg_weight: float = 2.0, alpha: float = 0.25, gamma: float = 2.0,
+                     normalizers: torch.Tensor | None = None) -> dict:
+    """GLIP's training losses (`modeling/rpn/loss.py`, `ATSSLossComputation.__call__`).
 
     out: head outputs (`logits` (B, A, T), `deltas` (B, A, 4), `centerness` (B, A)); anchors: per level (A_l, 4);
     gt_boxes[b]: (G, 4) xyxy; gt_tokens[b]: (G, T) binary positive map of each box; text_mask: (B, T) real tokens.
+
+    The token and centerness losses are sums divided by the number of positives, the box loss a centerness-weighted
+    sum divided by the sum of the centerness targets. GLIP sums both counts over all GPUs and divides them by the
+    GPU count; DDP's gradient average then makes every term the whole batch's sum over the whole batch's count.
+    Without `normalizers` this process's counts are summed over processes in the same way (the official code).
+    `normalizers` (positives, centerness sum), counted over an effective batch and divided by its number of
+    forward passes, replace them: gradient accumulation counts a step's micro-batches this way
+    (`train_prompts.step_normalizers`).
     """
-    num_per_level = [a.shape[0] for a in anchors]
-    all_anchors = torch.cat(anchors)                                        # (A, 4)
     B, A, T = out["logits"].shape
-    token_t, reg_t, pos = [], [], []
-    for b in range(B):
-        idx = atss_assign(all_anchors, num_per_level, gt_boxes[b].to(all_anchors), topk)
+    device = out["logits"].device
+    token_t, reg_t, ctr_t, pos = [], [], [], []
+    for b, (idx, anc, target) in enumerate(atss_targets(anchors, gt_boxes, box_coder, topk)):
         p = idx >= 0
-        t = torch.zeros(A, T, device=all_anchors.device)
+        t = torch.zeros(A, T, device=device)
         # negatives: all-zero token target (the original puts a 1 in the last slot, which the text mask then
-        # removes whenever that slot is padding: identical, without the 256-token assumption of bug G5)
+        # removes whenever that slot is padding: identical, without assuming 256 token slots)
         t[p] = gt_tokens[b].to(t)[idx[p]]
-        token_t.append(t)
-        reg_t.append(gt_boxes[b].to(all_anchors)[idx.clamp(min=0)])
-        pos.append(p)
-    token_t, gt_matched, pos = torch.stack(token_t), torch.stack(reg_t), torch.stack(pos)  # (B,A,T) (B,A,4) (B,A)
-    n_pos = max(float(pos.sum()), 1.0)
+        token_t.append(t), reg_t.append(target), ctr_t.append(centerness_target(anc, target)), pos.append(p)
+    token_t, pos, target, ctr_t = torch.stack(token_t), torch.stack(pos), torch.cat(reg_t), torch.cat(ctr_t)
+    if normalizers is None:
+        local = torch.tensor([float(pos.sum()), float(ctr_t.sum())], dtype=torch.float64)
+        normalizers = all_reduce_sum(local) / world_size()
+    n_pos, ctr_sum = max(float(normalizers[0]), 1.0), max(float(normalizers[1]), 1e-12)
     # 1. token sigmoid focal loss over every anchor and every real token (padding removed)
     valid = text_mask.bool()[:, None, :].expand(B, A, T)
     logits = out["logits"].float()
     loss_token = sigmoid_focal_loss(logits[valid], token_t[valid], alpha, gamma, reduction="sum") / n_pos
     # 2./3. regression and centerness on the positives
-    anc = all_anchors[None].expand(B, A, 4)[pos]                            # (P, 4)
+    anc = torch.cat(anchors)[None].expand(B, A, 4)[pos]                     # (P, 4)
     deltas, ctr_logit = out["deltas"][pos].float(), out["centerness"][pos].float()
     if pos.any():
-        target = box_coder.decode(box_coder.encode(gt_matched[pos], anc), anc)   # the GT, as the original decodes it
-        ctr_t = centerness_target(anc, target)
-        loss_reg = (giou_loss(box_coder.decode(deltas, anc), target) * ctr_t).sum() / ctr_t.sum().clamp(min=1e-12)
+        loss_reg = (giou_loss(box_coder.decode(deltas, anc), target) * ctr_t).sum() / ctr_sum
         loss_ctr = F.binary_cross_entropy_with_logits(ctr_logit, ctr_t, reduction="sum") / n_pos
     else:
         loss_reg, loss_ctr = deltas.sum(), ctr_logit.sum()

@@ -156,6 +156,7 @@ class GLIPConfig:
     inference_th: float = 0.05
     pre_nms_top_n: int = 1000
     nms_th: float = 0.6
+    nms_rule: str = "glip"         # "glip": +1-pixel IoU of GLIP's GPU ml_nms; "torchvision": its CPU branch
     detections_per_img: int = 100
     # tiny pre-training on the synthetic detection split (stand-in for O365)
     lr: float = 1e-4

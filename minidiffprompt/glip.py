@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atss import grounding_losses
+from .atss import grounding_losses, loss_normalizers
 from .bert import PromptedBert, build_bert, build_tokenizer, drop_legacy_bert_keys, tokenize
 from .checkpoint import CheckpointMismatch, load_strict, read_state_dict
 from .config import GLIPConfig
@@ -91,11 +91,11 @@ class GLIP(nn.Module):
         return positive_map(self.tokenizer, caption, spans, self.cfg.max_query_len)
 
     def forward(self, images01: torch.Tensor, captions: list[str], targets: list[dict] | None = None,
-                visual_prompts=None, textual_prompts=None, spans=None):
+                visual_prompts=None, textual_prompts=None, spans=None, normalizers=None):
         """images01 (B, 3, S, S) RGB in [0, 1]; captions: B strings.
 
         targets (training): per image {"boxes": (G, 4) xyxy in the S×S frame, "spans": per box a list of [b, e)}
-        → {"loss_token", "loss_reg", "loss_centerness"}.
+        → {"loss_token", "loss_reg", "loss_centerness"}; `normalizers`: see `atss.grounding_losses`.
         Otherwise → per image {"boxes": (K, 4), "scores": (K,)}, best first, K ≤ detections_per_img; `spans`
         (per image a list of [b, e) of the phrase) pick the tokens whose mean probability scores a box
         (spec §14); None, or spans that hit no token, use every caption token except [CLS]/[SEP].
@@ -112,10 +112,30 @@ class GLIP(nn.Module):
             gt_tokens = [torch.stack([self.token_map(c, s) for s in t["spans"]]).to(device)
                          if len(t["spans"]) else torch.zeros(0, cfg.max_query_len, device=device)
                          for c, t in zip(captions, targets)]                            # (G, T) each
-            return grounding_losses(out, anchors, gt_boxes, gt_tokens, mask, self.box_coder, cfg.atss_topk)
+            return grounding_losses(out, anchors, gt_boxes, gt_tokens, mask, self.box_coder, cfg.atss_topk,
+                                    normalizers=normalizers)
         token_masks = self._phrase_tokens(captions, spans, mask)
         return decode_detections(out, anchors, token_masks, tuple(images01.shape[-2:]), self.box_coder,
-                                 cfg.inference_th, cfg.pre_nms_top_n, cfg.nms_th, cfg.detections_per_img)
+                                 cfg.inference_th, cfg.pre_nms_top_n, cfg.nms_th, cfg.detections_per_img,
+                                 cfg.nms_rule)
+
+    def feature_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """(H_l, W_l) of P3..P7 for an image, without running the network: the patch embedding pads to a multiple
+        of the patch, each Swin patch merging and the stride-2 3×3 convolutions of P6, P7 round up."""
+        up = lambda n, k: -(-n // k)   # noqa: E731   ceil(n / k)
+        h, w = up(height, self.cfg.patch_size), up(width, self.cfg.patch_size)
+        sizes = []
+        for _ in range(5):
+            h, w = up(h, 2), up(w, 2)
+            sizes.append((h, w))
+        return sizes
+
+    def loss_normalizers(self, targets: list[dict], height: int, width: int) -> torch.Tensor:
+        """(positives, centerness-target sum) of `targets` (as `forward` takes them) on height × width images,
+        counted without a forward pass (`atss.loss_normalizers`)."""
+        anchors = self.rpn.anchor_generator(self.feature_sizes(height, width))
+        boxes = [t["boxes"].float().reshape(-1, 4) for t in targets]
+        return loss_normalizers(anchors, boxes, self.box_coder, self.cfg.atss_topk)
 
     def _phrase_tokens(self, captions, spans, mask) -> torch.Tensor:
         real = mask.bool().clone()

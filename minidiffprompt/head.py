@@ -158,15 +158,34 @@ class GroundingHead(nn.Module):
 # Inference (spec §14)
 
 
+def box_nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, rule: str = "glip") -> torch.Tensor:
+    """Indices kept by non-maximum suppression, best first.
+
+    rule "glip": the overlap GLIP computes on a GPU (`maskrcnn_benchmark/csrc/cuda/ml_nms.cu`, `devIoU`), with
+    pixel-inclusive widths and heights, x2 − x1 + 1. Widening every box by one pixel at x2 and y2 turns
+    torchvision's continuous IoU into exactly that. GLIP's `ml_nms` suppresses only within a label; a referring
+    prompt scores every box with one phrase, so all boxes share one label here. rule "torchvision": the
+    continuous overlap of GLIP's CPU branch (`structures/boxlist_ops.py`, `boxlist_ml_nms`).
+    """
+    if rule not in ("glip", "torchvision"):
+        raise ValueError(f"nms_rule must be 'glip' or 'torchvision', got {rule!r}")
+    if rule == "glip":
+        boxes = boxes + boxes.new_tensor([0, 0, 1, 1])
+    return nms(boxes, scores, threshold)
+
+
 @torch.no_grad()
 def decode_detections(out: dict, anchors: list[torch.Tensor], token_masks: torch.Tensor, image_size: tuple[int, int],
                       box_coder: BoxCoder, score_th: float = 0.05, pre_nms_top_n: int = 1000,
-                      nms_th: float = 0.6, max_dets: int = 100) -> list[dict]:
+                      nms_th: float = 0.6, max_dets: int = 100, nms_rule: str = "glip") -> list[dict]:
     """Ranked boxes per image from the head outputs.
 
     token_masks: (B, T) bool, the phrase tokens whose mean probability scores a box. Per level: mean token
     probability > score_th, at most pre_nms_top_n by probability×centerness, decode, clip to the (H, W) image [0, W−1]×[0, H−1];
-    then NMS over all levels, keep max_dets, score = sqrt(prob × centerness), sorted descending.
+    then NMS over all levels (`nms_rule`, see `box_nms`), score = sqrt(prob × centerness), sorted descending, and
+    the detection cap as GLIP's post-processor applies it (`modeling/rpn/inference.py`, `select_over_all_levels`):
+    with more than max_dets boxes left, keep every box scoring at least the max_dets-th best score, so boxes tied
+    at the cap all stay.
     """
     probs = out["logits"].float().sigmoid()                                 # (B, A, T)
     w = token_masks.to(probs.dtype)
@@ -191,6 +210,8 @@ def decode_detections(out: dict, anchors: list[torch.Tensor], token_masks: torch
             boxes.append(bx)
             scores.append(prod.sqrt())
         boxes, scores = torch.cat(boxes), torch.cat(scores)
-        keep = nms(boxes, scores, nms_th)[:max_dets]                       # torchvision NMS: sorted by score
+        keep = box_nms(boxes, scores, nms_th, nms_rule)                     # sorted by score
+        if keep.numel() > max_dets > 0:
+            keep = keep[scores[keep] >= scores[keep[max_dets - 1]]]         # ties at the cap stay
         results.append({"boxes": boxes[keep], "scores": scores[keep]})
     return results

@@ -48,19 +48,29 @@ def class_prompt(names: list[str]) -> tuple[str, dict]:
     return caption.rstrip(), spans
 
 
-def inclusive_boxes(boxes: torch.Tensor, pixel: float) -> torch.Tensor:
-    """Continuous xyxy (x2 = x + w) → GLIP's training convention x2 = x + w − 1 pixel (spec §11, G4)."""
-    return boxes - boxes.new_tensor([0, 0, pixel, pixel])
+def inclusive_boxes(boxes: torch.Tensor, pixel: tuple[float, float], size: int) -> torch.Tensor:
+    """Continuous xyxy boxes in the S×S frame (x2 = x + w) → the boxes GLIP trains on.
+
+    GLIP's dataset (`maskrcnn_benchmark/data/datasets/modulated_coco.py`) makes x2 = x + w − 1, y2 = y + h − 1 in
+    the original image, clamps every coordinate to [0, W − 1] × [0, H − 1] (`BoxList.clip_to_image`), then scales
+    each axis by its own factor (`BoxList.resize`). With one original pixel `pixel` = (S/W, S/H) wide and high in
+    the S frame that is x2 − S/W, y2 − S/H, clamped to [0, S − S/W] × [0, S − S/H]. (GLIP also drops boxes left
+    empty by the clamp; the data preparation already refuses boxes under one pixel.)
+    """
+    px, py = pixel
+    hi = boxes.new_tensor([size - px, size - py, size - px, size - py])
+    return torch.minimum((boxes - boxes.new_tensor([0, 0, px, py])).clamp(min=0), hi)
 
 
 def load_detection(data: Path, image_size: int):
     """All detection images in memory: (images (N,3,S,S), per image (boxes (G,4), category names, attribute word
-    lists), category names, per image the size of one original pixel in the S frame)."""
+    lists), category names, per image the width and height of one original pixel in the S frame)."""
     ds = DetectionDataset(data, image_size)
     items = [ds[i] for i in progress(range(len(ds)), desc="load detection images", leave=False)]
     images = torch.stack([it["image"] for it in items])
-    pixels = [image_size / im["width"] for im in ds.images]
-    targets = [(inclusive_boxes(it["boxes"], px), it["categories"], it["attributes"]) for it, px in zip(items, pixels)]
+    pixels = [(image_size / im["width"], image_size / im["height"]) for im in ds.images]
+    targets = [(inclusive_boxes(it["boxes"], px, image_size), it["categories"], it["attributes"])
+               for it, px in zip(items, pixels)]
     return images, targets, ds.categories, pixels
 
 
@@ -114,19 +124,20 @@ def make_targets(targets, categories, rng: random.Random, shuffle: bool = True, 
     return captions, out
 
 
-def random_flips(images: torch.Tensor, targets: list[dict], pixels: list[float], rng: random.Random):
+def random_flips(images: torch.Tensor, targets: list[dict], pixels: list[tuple[float, float]], rng: random.Random):
     """Flip each image left-right and/or top-bottom (probability ½ each) with its inclusive boxes: a pixel at x goes
-    to S − pixel − x. Label-preserving while the prompts name no positions (pre-training prompts never do)."""
+    to S − pixel width − x (and y to S − pixel height − y). Label-preserving while the prompts name no positions
+    (pre-training prompts never do)."""
     S = images.shape[-1]
     images, out = images.clone(), []
-    for b, (t, px) in enumerate(zip(targets, pixels)):
+    for b, (t, (px, py)) in enumerate(zip(targets, pixels)):
         boxes = t["boxes"].clone()
         if rng.random() < 0.5:
             images[b] = images[b].flip(-1)
             boxes[:, [0, 2]] = S - px - boxes[:, [2, 0]]
         if rng.random() < 0.5:
             images[b] = images[b].flip(-2)
-            boxes[:, [1, 3]] = S - px - boxes[:, [3, 1]]
+            boxes[:, [1, 3]] = S - py - boxes[:, [3, 1]]
         out.append({**t, "boxes": boxes})
     return images, out
 

@@ -16,6 +16,7 @@ on GPU, gradient accumulation up to the effective batch. Output: RUN/prompts/<me
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import time
 from pathlib import Path
@@ -25,8 +26,8 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import load_strict, load_training, read_state_dict, save_training, save_weights, write_json
 from .config import Preset, PromptConfig
-from .distributed import (all_reduce_mean, barrier, cleanup, distributed_loader, init_distributed, is_main, rank,
-                          set_epoch, world_size, wrap_ddp)
+from .distributed import (all_reduce_mean, all_reduce_sum, barrier, cleanup, distributed_loader, init_distributed,
+                          is_main, rank, set_epoch, world_size, wrap_ddp)
 from . import train_dit
 from .prompting import DiffPromptGenerator, LearnablePrompts, freeze
 from .train_glip import inclusive_boxes
@@ -139,15 +140,34 @@ def trainable_parameters(glip, prompter) -> list:
 
 
 def grounding_targets(batch: dict) -> list[dict]:
-    """GLIP targets: the referred box and its phrase spans, one box per expression. Training boxes use GLIP's
-    x2 = x + w - 1 pixel convention (spec/GLIP_T_A.md G4), as in the GLIP pre-training."""
+    """GLIP targets: the referred box and its phrase spans, one box per expression, in GLIP's training convention
+    (x2 = x + w − 1 in original pixels, clamped, each axis scaled by its own factor: `train_glip.inclusive_boxes`)."""
     size = batch["image"].shape[-1]
-    return [{"boxes": inclusive_boxes(box[None], size / float(wh[0])), "spans": [spans]}
+    return [{"boxes": inclusive_boxes(box[None], (size / float(wh[0]), size / float(wh[1])), size), "spans": [spans]}
             for box, spans, wh in zip(batch["box"], batch["spans"], batch["size"])]
 
 
-def prompt_loss(glip, prompter, batch: dict, device) -> tuple[torch.Tensor, dict]:
-    """Generate prompts (Diff-Prompt: fresh DDIM noise, spec S9) and return GLIP's summed grounding loss."""
+def chunks(iterable, n: int):
+    """Lists of n consecutive items (the last one shorter)."""
+    it = iter(iterable)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
+
+
+def step_normalizers(glip, batches: list[dict], accum: int) -> torch.Tensor:
+    """The loss denominators of one optimizer step, as GLIP counts its whole batch over all GPUs: the ATSS positives
+    and the centerness-target sum of every micro batch on every process, divided by processes × accum (the forward
+    passes of a full step). With each micro batch's loss divided by accum and DDP's average over processes, the
+    step's gradient is then that of the whole batch's sums over the whole batch's counts, for any split into micro
+    batches and processes; a short last step keeps the same per-item weight."""
+    size = batches[0]["image"].shape[-1]
+    local = glip.loss_normalizers([t for b in batches for t in grounding_targets(b)], size, size)
+    return all_reduce_sum(local) / (world_size() * accum)
+
+
+def prompt_loss(glip, prompter, batch: dict, device, normalizers=None) -> tuple[torch.Tensor, dict]:
+    """Generate prompts (Diff-Prompt: fresh DDIM noise, spec S9) and return GLIP's summed grounding loss
+    (`normalizers`: the step's loss denominators, `step_normalizers`)."""
     images = batch["image"].to(device)
     captions = batch["caption"]
     # the batch holds masks only for the oracle diagnostic (PromptConfig.oracle_masks)
@@ -155,7 +175,8 @@ def prompt_loss(glip, prompter, batch: dict, device) -> tuple[torch.Tensor, dict
         else (None, None)
     targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
                for t in grounding_targets(batch)]
-    losses = glip(images, captions, targets=targets, visual_prompts=visual, textual_prompts=textual)
+    losses = glip(images, captions, targets=targets, visual_prompts=visual, textual_prompts=textual,
+                  normalizers=normalizers)
     return sum(losses.values()), {k: float(v.detach()) for k, v in losses.items()}
 
 
@@ -216,26 +237,29 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
                 set_epoch(loader, epoch)
             else:
                 loader.generator.manual_seed(cfg.seed + epoch)  # the same order whether resumed or not
-            running, count, accumulated, epoch_steps = 0.0, 0, 0.0, 0
+            running, count, epoch_steps = 0.0, 0, 0
             bar = progress(loader, desc=f"{folder.name} epoch {epoch + 1}/{cfg.epochs}", leave=False)
             optimizer.zero_grad(set_to_none=True)
-            for i, batch in enumerate(bar):
-                with autocast(device, cfg.amp):
-                    # the DDP wrapper (under torchrun) stands where the trainable module goes
-                    loss, parts = prompt_loss(glip if prompter is not None else trained,
-                                              trained if prompter is not None else None, batch, device)
-                (loss / accum).backward()
-                value = float(loss.detach())
-                running, count, accumulated = running + value, count + 1, accumulated + value
-                if (i + 1) % accum == 0 or i + 1 == len(loader):
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step_losses.append(all_reduce_mean(accumulated / (i % accum + 1)).item())
-                    accumulated, epoch_steps = 0.0, epoch_steps + 1
-                    if cfg.max_steps and epoch_steps >= cfg.max_steps:
-                        break  # a step budget per epoch (the tiny preset's CPU budget)
+            for group in chunks(bar, accum):          # the micro batches of one optimizer step
+                normalizers = step_normalizers(glip, group, accum)
+                accumulated = 0.0
+                for batch in group:
+                    with autocast(device, cfg.amp):
+                        # the DDP wrapper (under torchrun) stands where the trainable module goes
+                        loss, parts = prompt_loss(glip if prompter is not None else trained,
+                                                  trained if prompter is not None else None, batch, device,
+                                                  normalizers)
+                    (loss / accum).backward()
+                    value = float(loss.detach())
+                    running, count, accumulated = running + value, count + 1, accumulated + value
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step_losses.append(all_reduce_mean(accumulated / len(group)).item())
+                epoch_steps += 1
                 bar.set_postfix(loss=f"{running / count:.3f}")
+                if cfg.max_steps and epoch_steps >= cfg.max_steps:
+                    break  # a step budget per epoch (the tiny preset's CPU budget)
             record = {"epoch": epoch + 1, "loss": all_reduce_mean(running / max(count, 1)).item()}
             if cfg.val_items:
                 record["val_R@1"] = evaluate_split(glip, prompter, data, "val", preset, device,

@@ -152,10 +152,10 @@ def test_random_flips_move_boxes_with_the_pixels():
     S, px = 32, 0.5                                        # an original image of 64 px shown at 32
     img = torch.zeros(1, 3, S, S)
     img[0, :, 4:10, 20:30] = 1.0                           # rows 4..9, columns 20..29
-    box = inclusive_boxes(torch.tensor([[20.0, 4.0, 30.0, 10.0]]), px)
+    box = inclusive_boxes(torch.tensor([[20.0, 4.0, 30.0, 10.0]]), (px, px), S)
     seen = set()
     for seed in range(12):
-        out, tg = random_flips(img, [{"boxes": box, "spans": []}], [px], random.Random(seed))
+        out, tg = random_flips(img, [{"boxes": box, "spans": []}], [(px, px)], random.Random(seed))
         x1, y1, x2, y2 = tg[0]["boxes"][0].tolist()
         on = out[0, 0].nonzero()
         assert (on[:, 1].min(), on[:, 0].min()) == (round(x1), round(y1))          # continuous x1 = first pixel

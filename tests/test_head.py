@@ -199,3 +199,58 @@ def test_head_shapes_and_init():
     out2 = head(feats, text)
     bias_t = (torch.nn.functional.normalize(text, dim=-1) * head.bias_lang).sum(-1) + head.bias0
     torch.testing.assert_close(out2["logits"] - bias_t[:, None], (out["logits"] - bias_t[:, None]) / 2)
+
+
+def _greedy_nms_inclusive(boxes, scores, threshold):
+    """GLIP's GPU NMS (`csrc/cuda/ml_nms.cu`): boxes by descending score, each suppressing the later ones whose
+    devIoU, with widths and heights x2 − x1 + 1, exceeds the threshold."""
+    def dev_iou(a, b):
+        w = max(min(a[2], b[2]) - max(a[0], b[0]) + 1, 0.0)
+        h = max(min(a[3], b[3]) - max(a[1], b[1]) + 1, 0.0)
+        inter = w * h
+        sa, sb = (a[2] - a[0] + 1) * (a[3] - a[1] + 1), (b[2] - b[0] + 1) * (b[3] - b[1] + 1)
+        return inter / (sa + sb - inter)
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    keep, removed = [], set()
+    for n, i in enumerate(order):
+        if i in removed:
+            continue
+        keep.append(i)
+        removed.update(j for j in order[n + 1:] if dev_iou(boxes[i], boxes[j]) > threshold)
+    return keep
+
+
+def test_nms_follows_glips_gpu_rule():
+    from minidiffprompt.head import box_nms
+    # two 10×10-pixel boxes two pixels apart: IoU 0.636 continuous, 0.667 with inclusive pixels
+    a = torch.tensor([[0.0, 0, 9, 9], [2, 0, 11, 9]])
+    s = torch.tensor([0.9, 0.8])
+    assert box_nms(a, s, 0.65, "glip").tolist() == [0]
+    assert box_nms(a, s, 0.65, "torchvision").tolist() == [0, 1]
+    # boxes sharing only an edge overlap by one pixel row under the GPU rule
+    touching = torch.tensor([[0.0, 0, 9, 9], [0, 9, 9, 18]])
+    assert box_nms(touching, s, 0.05, "glip").tolist() == [0]
+    assert box_nms(touching, s, 0.05, "torchvision").tolist() == [0, 1]
+    # random clusters of small boxes: the same kept list as an explicit re-implementation of the kernel
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(300, 2, generator=g) * 40
+    boxes = torch.cat([xy, xy + 2 + torch.rand(300, 2, generator=g) * 10], 1)
+    scores = torch.rand(300, generator=g)
+    keep = box_nms(boxes, scores, 0.6, "glip").tolist()
+    assert keep == _greedy_nms_inclusive(boxes.tolist(), scores.tolist(), 0.6)
+    assert keep != box_nms(boxes, scores, 0.6, "torchvision").tolist()      # the two rules do differ here
+    with pytest.raises(ValueError, match="nms_rule"):
+        box_nms(boxes, scores, 0.6, "cuda")
+
+
+def test_detection_cap_keeps_ties():
+    """GLIP's post-processor keeps every box scoring at least the cap-th best score (`kthvalue`)."""
+    anchors = [torch.tensor([[0.0, 0, 9, 9], [20, 0, 29, 9], [40, 0, 49, 9], [60, 0, 69, 9]])]
+    probs = torch.tensor([0.9, 0.6, 0.6, 0.3])[:, None]
+    out = {"logits": torch.logit(probs)[None], "centerness": torch.full((1, 4), 3.0),
+           "deltas": torch.zeros(1, 4, 4)}
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    tied = decode_detections(out, anchors, mask, (80, 80), BoxCoder(), max_dets=2)[0]
+    assert len(tied["scores"]) == 3                             # the two boxes tied at rank 2 both stay
+    assert len(decode_detections(out, anchors, mask, (80, 80), BoxCoder(), max_dets=3)[0]["scores"]) == 3
+    assert len(decode_detections(out, anchors, mask, (80, 80), BoxCoder(), max_dets=1)[0]["scores"]) == 1

@@ -151,3 +151,39 @@ def test_trained_text_prompts_change_the_token_features_and_the_scores(tmp_path)
         s0 = glip.rpn.head(feats, plain)["logits"]
         s1 = glip.rpn.head(feats, prompted)["logits"]
         assert (s1 - s0)[real[:, None, :].expand_as(s0)].abs().max() > 1e-2
+
+
+def test_accumulated_micro_batches_give_the_whole_batchs_gradient():
+    """One batch of 8 and 4 micro batches of 2 with accumulation (the trainer's `step_normalizers`, loss ÷ accum)
+    give the same gradient: GLIP normalises by the whole batch's positives and centerness sum, not each micro
+    batch's. Full fine-tuning of a random tiny GLIP on non-square originals; dropout off so both runs see the same
+    network."""
+    from minidiffprompt.config import get_preset
+    from minidiffprompt.shipped import shipped
+    from minidiffprompt.train_prompts import chunks, step_normalizers
+    torch.manual_seed(0)
+    glip = GLIP(get_preset("tiny").glip, vocab_file=shipped("tiny_glip") / "vocab.txt").eval()
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(8, 2, generator=g) * 50
+    batch = {"image": torch.rand(8, 3, 96, 96, generator=g), "caption": ["the small red circle"] * 8,
+             "spans": [[[4, 20]]] * 8, "box": torch.cat([xy, xy + 12 + torch.rand(8, 2, generator=g) * 30], 1),
+             "size": [(640, 480), (300, 500)] * 4}
+    cpu = torch.device("cpu")
+
+    def gradient(accum: int) -> torch.Tensor:
+        glip.zero_grad()
+        micro = [{k: v[i:i + 8 // accum] for k, v in batch.items()} for i in range(0, 8, 8 // accum)]
+        for group in chunks(micro, accum):
+            normalizers = step_normalizers(glip, group, accum)
+            for b in group:
+                (prompt_loss(glip, None, b, cpu, normalizers)[0] / accum).backward()
+        return torch.cat([p.grad.flatten() for p in glip.parameters() if p.grad is not None])
+
+    whole, accumulated = gradient(1), gradient(4)
+    torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-6)
+    # each micro batch normalised by its own counts (no `normalizers`) gives another gradient
+    glip.zero_grad()
+    for i in range(0, 8, 2):
+        (prompt_loss(glip, None, {k: v[i:i + 2] for k, v in batch.items()}, cpu)[0] / 4).backward()
+    own = torch.cat([p.grad.flatten() for p in glip.parameters() if p.grad is not None])
+    assert (own - whole).norm() > 1e-3 * whole.norm()
