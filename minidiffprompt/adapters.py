@@ -1,13 +1,14 @@
-"""Adapter^v / Adapter^l: turn a decoded mask into prompt tokens for one layer (spec/DIFF_PROMPT_STAGES.md §4).
+"""Adapter^v / Adapter^l: turn a decoded mask into prompt tokens for one layer (Diff-Prompt, ICLR 2025).
 
-The authors call this module `DiT_Prompt` and build two of them, `dit2vision` (dim = Swin embed_dim, 96) and
-`dit2language` (dim = BERT hidden, 768). A shared stack of five 3x3 stride-2 convolutions and one linear layer
-maps the mask of layer d to L/2 "specific" tokens; a learnable (L/2, dim) "global" prompt per layer follows them:
+The authors call this module `DiT_Prompt` (Kelvin-ywc/diff-prompt, `GLIP/maskrcnn_benchmark/modeling/prompt/prompt.py`)
+and build two of them, `dit2vision` (dim = Swin embed_dim, 96) and `dit2language` (dim = BERT hidden, 768). A shared
+stack of five 3x3 stride-2 convolutions and one linear layer maps the mask of layer d to L/2 "specific" tokens; a
+learnable (L/2, dim) "global" prompt per layer follows them:
 
     mask (B,1,224,224) -> conv x5 -> (B,128,7,7) -> flatten -> linear -> (B, L/2, dim) ++ global[d] -> (B, L, dim)
 
 Parameter names (`model.{0,2,4,6,8,11}`, `global_prompt.{d}.prompt`) follow the authors' so their weights load
-strictly (spec/keys/adapters_depth9_len8.tsv).
+strictly (the key list is tests/fixtures/adapters_depth9_len8.tsv).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class GlobalPrompt(nn.Module):
     def __init__(self, num_tokens: int, dim: int):
         super().__init__()
         # the authors: randn then kaiming_normal_(mode='fan_out'); fan_out of an (L/2, dim) matrix is L/2,
-        # so std = sqrt(2 / (L/2)) (spec/DIFF_PROMPT_STAGES.md §4, "Global prompt init")
+        # so std = sqrt(2 / (L/2)), about 0.71 at L = 8 (`VPT_Prompt` in the authors' prompt.py)
         self.prompt = nn.Parameter(nn.init.kaiming_normal_(torch.empty(num_tokens, dim), mode="fan_out"))
 
     def forward(self, batch_size: int) -> torch.Tensor:

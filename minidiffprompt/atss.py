@@ -1,4 +1,4 @@
-"""ATSS anchor assignment and GLIP's grounding losses (spec/GLIP_T_A.md §11–§12).
+"""ATSS anchor assignment and GLIP's grounding losses (`ATSSLossComputation`, GLIP's `modeling/rpn/loss.py`).
 
 Adaptive Training Sample Selection (Zhang et al., 2020): per ground-truth box take the 9 anchors per level whose
 centres are closest to the box centre, set the IoU threshold to mean + std of their IoUs, and keep candidates
@@ -16,13 +16,13 @@ from .head import BoxCoder
 
 
 def box_iou_inclusive(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU with maskrcnn's pixel-inclusive areas ((x2−x1+1)(y2−y1+1)), as ATSS computes it (spec §11)."""
+    """IoU with maskrcnn's pixel-inclusive areas ((x2−x1+1)(y2−y1+1)), as ATSS computes it (`boxlist_iou`)."""
     one = a.new_tensor([0, 0, 1, 1])
     return box_iou(a + one, b + one)   # widening x2, y2 by one pixel turns continuous areas into inclusive ones
 
 
 def atss_assign(anchors: torch.Tensor, num_per_level: list[int], gt: torch.Tensor, topk: int = 9) -> torch.Tensor:
-    """Index of the assigned GT per anchor, −1 for negatives. anchors (A, 4), gt (G, 4) xyxy (spec §11)."""
+    """Index of the assigned GT per anchor, −1 for negatives. anchors (A, 4), gt (G, 4) xyxy (`prepare_targets`)."""
     A, G = anchors.shape[0], gt.shape[0]
     if G == 0:
         return torch.full((A,), -1, dtype=torch.long, device=anchors.device)
@@ -57,7 +57,7 @@ def atss_assign(anchors: torch.Tensor, num_per_level: list[int], gt: torch.Tenso
 
 
 def giou_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 − GIoU per box pair with continuous areas, as GLIP's ATSS loss computes it (spec §12.2)."""
+    """1 − GIoU per box pair with continuous areas, as GLIP's ATSS loss computes it (`GIoULoss`)."""
     px1, py1 = pred[:, 0], pred[:, 1]
     px2, py2 = torch.maximum(px1, pred[:, 2]), torch.maximum(py1, pred[:, 3])
     tx1, ty1, tx2, ty2 = target.unbind(1)
@@ -72,7 +72,7 @@ def giou_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def centerness_target(anchors: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """sqrt(min(l,r)/max(l,r) · min(t,b)/max(t,b)) of the anchor centre inside its GT (spec §12.3)."""
+    """sqrt(min(l,r)/max(l,r) · min(t,b)/max(t,b)) of the anchor centre in its GT (`compute_centerness_targets`)."""
     cx, cy = (anchors[:, 0] + anchors[:, 2]) / 2, (anchors[:, 1] + anchors[:, 3]) / 2
     lr = torch.stack([cx - gt[:, 0], gt[:, 2] - cx], 1)
     tb = torch.stack([cy - gt[:, 1], gt[:, 3] - cy], 1)

@@ -532,7 +532,7 @@ def bench_stage3(bench: Bench, preset: Preset, m: dict, batch: dict, prompter, l
     bench.results["options"]["stage3 cached DDIM latents"] = {
         "what": "run the frozen condition encoder + DiT + DDIM once per training item with its fixed seed and store "
                 "the kept latents (depth x 4 x h x w per item); each step then only decodes, adapts and runs GLIP. "
-                "Changes the method: the authors draw fresh DDIM noise at every step (spec S9); cached latents give "
+                "Changes the method: the authors draw fresh DDIM noise at every forward pass; cached latents give "
                 "every epoch the same prompts per item. Evaluation already uses fixed per-item seeds, so caching "
                 "there changes nothing.",
         "step_s": step_s, "step_cached_s": cached_s, "speedup": round(step_s / cached_s, 3),

@@ -1,6 +1,8 @@
 """GLIP's text encoder: a transformers `BertModel` run layer by layer, with Diff-Prompt's deep textual prompts.
 
-spec/GLIP_T_A.md §6 (BERT as GLIP uses it), §13 (tokenisation), §15.2 (checkpoint keys), §16.3 (prompts).
+BERT as GLIP uses it: `BertEncoder` in GLIP's `maskrcnn_benchmark/modeling/language_backbone/bert_model.py`
+(bert-base-uncased without pooler, last hidden state). Prompts as the authors' copy of transformers' `BertEncoder`
+(Kelvin-ywc/diff-prompt `GLIP/maskrcnn_benchmark/modeling/language_backbone/bert/modeling_bert.py`).
 
     bert = build_bert(cfg)                       # paper: bert-base-uncased config; tiny: small BERT on vocab.txt
     tokenizer = build_tokenizer(cfg)
@@ -26,7 +28,7 @@ class PromptedBert(nn.Module):
 
     def __init__(self, bert: BertModel):
         super().__init__()
-        self.model = bert  # inside GLIP this makes the keys `language_backbone.body.model.*` (spec §6)
+        self.model = bert  # inside GLIP this makes the keys `language_backbone.body.model.*` (`BertEncoder.model`)
 
     @property
     def num_layers(self) -> int:
@@ -42,8 +44,8 @@ class PromptedBert(nn.Module):
             raise ValueError(f"{len(textual_prompts)} textual prompts given, but BERT has only {self.num_layers} "
                              "layers (one prompt per layer at most)")
         h = self.model.embeddings(input_ids=input_ids)  # (B, T, H): word + position 0..T-1 + type 0, LN
-        # additive key mask (B, 1, 1, T): 0 for real tokens, the dtype's minimum for padding (spec §6);
-        # the same tensor works for the eager and the sdpa attention of transformers
+        # additive key mask (B, 1, 1, T): 0 for real tokens, the dtype's minimum for padding, as recent transformers
+        # (the older ones GLIP was trained with used -10000: the same after softmax); it suits eager and sdpa attention
         key_mask = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
         for i, layer in enumerate(self.model.encoder.layer):
             p = textual_prompts[i] if textual_prompts is not None and i < len(textual_prompts) else None
@@ -54,7 +56,7 @@ class PromptedBert(nn.Module):
                 raise ValueError(f"textual_prompts[{i}]: expected (B={h.shape[0]}, P, {h.shape[2]}), "
                                  f"got {tuple(p.shape)}")
             P = p.shape[1]
-            x = torch.cat([p.to(h.dtype), h], dim=1)     # (B, P+T, H): prompts first (spec §16.3)
+            x = torch.cat([p.to(h.dtype), h], dim=1)     # (B, P+T, H): prompts first, as in the authors' code
             m = F.pad(key_mask, (P, 0))                  # prompts are keys that everyone attends to
             h = _hidden(layer(x, m))[:, P:]              # drop the prompt outputs -> (B, T, H)
         return h
@@ -115,7 +117,7 @@ def build_tokenizer(cfg, vocab_file=None):
 
 
 def tokenize(tokenizer, captions: list[str], max_len: int = 256, pad_to_longest: bool = False, device=None):
-    """[CLS] tokens [SEP], truncated at max_len and padded with [PAD] to max_len (GLIP: PAD_MAX, spec §13).
+    """[CLS] tokens [SEP], truncated at max_len and padded with [PAD] to max_len (GLIP's PAD_MAX).
 
     pad_to_longest=True pads only to the longest caption of the batch: real tokens get the same features
     (padding is masked out), but a positive map built for max_len columns must then be cut to the same width.
@@ -127,7 +129,7 @@ def tokenize(tokenizer, captions: list[str], max_len: int = 256, pad_to_longest:
 
 
 def drop_legacy_bert_keys(state_dict: dict, prefix: str = "language_backbone.body.model.") -> tuple[dict, list]:
-    """Remove what a transformers-5 BertModel(add_pooling_layer=False) does not hold (spec §15.2).
+    """Remove what a transformers-5 BertModel(add_pooling_layer=False) does not hold, should a checkpoint have it.
 
     `embeddings.position_ids` is a non-persistent buffer now (it is rebuilt as arange(512)); `pooler.*` belongs to
     a pooler GLIP never builds. Returns (new state dict, dropped keys).

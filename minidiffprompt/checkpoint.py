@@ -136,7 +136,7 @@ def load_strict(module: nn.Module, state_dict: dict, source: str = "checkpoint")
 
 
 def keys_from_tsv(path) -> dict[str, tuple]:
-    """Read a spec key manifest (`key<TAB>shape` per line; shapes written as (a, b) or [a,b])."""
+    """Read a key manifest (`key<TAB>shape` per line; shapes written as (a, b) or [a,b])."""
     shapes = {}
     for line in Path(path).read_text().splitlines():
         if not line.strip() or "\t" not in line:

@@ -1,5 +1,6 @@
 """Condition encoders of the DiT: an image and its caption → one image feature and one text feature, both
-`dim` wide (spec/DIFF_PROMPT_STAGES.md §2.4). Frozen; features computed once per batch under no_grad.
+`dim` wide (paper preset: the unnormalised 512-d CLIP ViT-B/32 `encode_image` / `encode_text` outputs that the
+authors' `DiT-main/train.py` conditions on). Frozen; features computed once per batch under no_grad.
 
     enc = build_condition_encoder(preset.dit)          # CLIP ViT-B/32 (paper) or the tiny encoder
     img, txt = enc.encode(images01, captions)          # (B, dim), (B, dim); tiny with image_map: (B, 3, s, s)
@@ -67,7 +68,8 @@ class CLIPConditionEncoder(ConditionEncoder):
         dtype = next(self.model.parameters()).dtype
         device = next(self.model.parameters()).device
         # what the authors' DiT saw: bilinear resize to 224² ignoring aspect, then (x - 0.5)/0.5 → [-1, 1];
-        # deliberately not CLIPImageProcessor (its crop and CLIP mean/std differ), spec §2.4
+        # (`DiT-main/utils/data/transforms/transforms.py`; CLIP's `preprocess` is commented out in `train.py`);
+        # deliberately not CLIPImageProcessor (its shortest-side resize, centre crop and CLIP mean/std differ)
         x = images01.to(device, torch.float32)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class DataConfig:
-    """Where the processed RefCOCO-format split files live and how images/masks are sized (spec/GLIP_T_A.md §1.2)."""
+    """Where the processed RefCOCO-format split files live and how images/masks are sized (224: the authors'
+    GLIP/configs/finetune/dif_prompt/refcoco/train_v3.yaml, MIN/MAX_SIZE 224 with FIX_RES)."""
     root: str = "data/refcoco/processed"  # output of `data_prep.py refcoco`
     image_size: int = 224                 # GLIP input, FIX_RES: square, aspect ratio not kept
     mask_size: int = 224                  # Mask-VAE input
@@ -29,7 +30,7 @@ class DataConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Stage 1: Mask-VAE (spec/DIFF_PROMPT_STAGES.md §1)
+# Stage 1: Mask-VAE (the authors' unique_vae/models/mask_vanilla_vae_v2.py and unique_vae/configs/mask_vae_v2.yaml)
 
 
 @dataclass
@@ -57,7 +58,7 @@ class VAEConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Stage 2: DiT prompt generator + diffusion (spec/DIFF_PROMPT_STAGES.md §2-§3)
+# Stage 2: DiT prompt generator + diffusion (the authors' DiT-main/models.py `DiT_My_2` and DiT-main/train.py)
 
 
 @dataclass
@@ -75,7 +76,7 @@ class DiTConfig:
     cond_dim: int = 512
     image_map: bool = False        # tiny option: the image as a map beside x_t instead of a global feature
     diffusion_steps: int = 100
-    noise_schedule: str = "linear"  # training schedule (spec §3.1)
+    noise_schedule: str = "linear"  # training schedule: DiT-main/train.py keeps create_diffusion's default
     lr: float = 1e-4
     weight_decay: float = 0.0
     batch_size: int = 128
@@ -125,12 +126,13 @@ class ClipPretrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# GLIP-T(A) (spec/GLIP_T_A.md)
+# GLIP-T(A) (GLIP, Li et al. 2022; microsoft/GLIP configs/pretrain/glip_A_Swin_T_O365.yaml)
 
 
 @dataclass
 class GLIPConfig:
-    """GLIP-T(A): Swin-T + FPN + DyHead + ATSS grounding head + BERT; values of spec/GLIP_T_A.md §1."""
+    """GLIP-T(A): Swin-T + FPN + DyHead + ATSS grounding head + BERT; values of GLIP's glip_A_Swin_T_O365.yaml
+    over its maskrcnn_benchmark/config/defaults.py."""
     embed_dim: int = 96
     depths: tuple = (2, 2, 6, 2)
     num_heads: tuple = (3, 6, 12, 24)
@@ -138,7 +140,7 @@ class GLIPConfig:
     patch_size: int = 4
     drop_path_rate: float = 0.2
     fpn_channels: int = 256
-    fpn_drop_block: float = 0.3    # FPN DropBlock prob in training mode (spec §5; off when frozen)
+    fpn_drop_block: float = 0.3    # FPN DropBlock prob in training mode (GLIP's MODEL.FPN.DROP_PROB; off when frozen)
     dyhead_blocks: int = 6
     gn_groups: int = 16
     anchor_strides: tuple = (8, 16, 32, 64, 128)
@@ -164,11 +166,12 @@ class GLIPConfig:
     batch_size: int = 16
     epochs: int = 1
     warmup_steps: int = 20
-    grad_clip: float = 1.0         # full-model L2 norm (spec §1.3)
+    grad_clip: float = 1.0         # full-model L2 norm (SOLVER.CLIP_GRADIENTS of glip_A_Swin_T_O365.yaml)
     head_lr_mult: float = 1.0      # lr factor of the head's predictors (box deltas ×(10,10,5,5), logit scale)
     text_lr_mult: float = 1.0      # lr factor of the language backbone; 0 freezes it
     shuffle_prompt: bool = True    # class names in a random order per sample (no name tied to a position)
     phrase_prompts: float = 0.0    # share of attribute-phrase prompts ("small red circle. star.") in pre-training
+    attribute_phrases: float = 0.0  # share of those phrases naming attributes only ("green": every green object)
     flip_augment: bool = False     # random left-right / top-bottom flips in pre-training
     holdout_fraction: float = 0.1  # detection images kept out of pre-training for the detection R@1
     eval_max_items: int = 0        # zero-shot referring evaluation: expressions per split (0 = all)
@@ -190,7 +193,8 @@ class GLIPConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Stage 3: prompt tuning (spec/DIFF_PROMPT_STAGES.md §3.4, §4; spec/GLIP_T_A.md §16)
+# Stage 3: prompt tuning (the authors' GLIP/configs/finetune/dif_prompt/refcoco/train_v3.yaml and
+# GLIP/maskrcnn_benchmark/modeling/detector/generalized_vl_rcnn.py)
 
 
 @dataclass
@@ -231,7 +235,7 @@ class PromptConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Evaluation (spec/GLIP_T_A.md §14)
+# Evaluation (GLIP's maskrcnn_benchmark/data/datasets/refexp.py, `RefExpEvaluator`)
 
 
 @dataclass

@@ -3,9 +3,10 @@
     ds = RefExpDataset("data/synthref/processed", "train", image_size=96, mask_size=64)
     batch = collate([ds[0], ds[1]])          # image (2,3,96,96), mask (2,1,64,64), box (2,4), lists for the rest
 
-Images are resized to S×S ignoring the aspect ratio, as GLIP does with FIX_RES (spec/GLIP_T_A.md §1.2, §3);
-boxes are scaled per axis. Masks are rasterised from the polygons at the original size and resized bilinearly,
-so borders are soft, exactly like the authors' mask loader (spec/DIFF_PROMPT_STAGES.md §1.3).
+Images are resized to S×S ignoring the aspect ratio, as GLIP does with FIX_RES (`Resize(restrict=True)` in GLIP's
+maskrcnn_benchmark/data/transforms/transforms.py); boxes are scaled per axis. Masks are rasterised from the
+polygons at the original size and resized bilinearly, so borders are soft, exactly like the authors' mask loader
+(`SegmentMaskData` in Kelvin-ywc/diff-prompt unique_vae/dataset.py: 0/255 'L' image, Resize, ToTensor).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
-GLIP_MEAN_BGR = (103.530, 116.280, 123.675)  # spec/GLIP_T_A.md §1.2, 0-255 units
+GLIP_MEAN_BGR = (103.530, 116.280, 123.675)  # INPUT.PIXEL_MEAN/STD of GLIP's glip_A_Swin_T_O365.yaml, 0-255
 GLIP_STD_BGR = (57.375, 57.120, 58.395)
 
 
@@ -45,7 +46,7 @@ def resolve_image(root: str | Path, image: str) -> Path:
 
 
 def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """(3, size, size) RGB in [0, 1], PIL bilinear resize ignoring the aspect ratio (spec/GLIP_T_A.md §3 step 1)."""
+    """(3, size, size) RGB in [0, 1], PIL bilinear resize ignoring the aspect ratio (GLIP's FIX_RES `Resize`)."""
     with Image.open(path) as im:
         im = im.convert("RGB").resize((size, size), Image.BILINEAR)
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
@@ -62,7 +63,7 @@ def rasterize_mask(polygons, width: int, height: int, size: int) -> torch.Tensor
 
 
 def glip_normalize(images01: torch.Tensor) -> torch.Tensor:
-    """RGB [0,1] (B,3,H,W) → GLIP's input: BGR ×255, minus mean, over std (spec/GLIP_T_A.md §3 steps 2-3)."""
+    """RGB [0,1] (B,3,H,W) → GLIP's input: BGR ×255, minus mean, over std (GLIP's `Normalize`, format bgr255)."""
     bgr = images01.flip(-3) * 255.0
     mean = bgr.new_tensor(GLIP_MEAN_BGR).view(3, 1, 1)
     std = bgr.new_tensor(GLIP_STD_BGR).view(3, 1, 1)
@@ -70,12 +71,18 @@ def glip_normalize(images01: torch.Tensor) -> torch.Tensor:
 
 
 def clip_normalize(images01: torch.Tensor) -> torch.Tensor:
-    """RGB [0,1] → [-1,1], what the DiT's condition encoder saw in training (spec/DIFF_PROMPT_STAGES.md §2.4)."""
+    """RGB [0,1] → [-1,1], what the DiT's condition encoder saw in training (the authors' Normalize(0.5, 0.5) in
+    DiT-main/utils/data/transforms/transforms.py, instead of CLIP's own preprocessing)."""
     return images01 * 2.0 - 1.0
 
 
 def scale_box(bbox_xywh, width: int, height: int, size: int) -> torch.Tensor:
-    """COCO xywh (original pixels) → (4,) xyxy in the size×size frame, x2 = x + w, continuous (GLIP_T_A G4)."""
+    """COCO xywh (original pixels) → (4,) xyxy in the size×size frame, x2 = x + w, continuous coordinates.
+
+    GLIP mixes conventions: training targets use x2 = x + w - 1 (`ConvertCocoPolysToMask` in GLIP's
+    maskrcnn_benchmark/data/datasets/modulated_coco.py), its RefCOCO evaluator x2 = x + w (`RefExpEvaluator` in
+    .../datasets/refexp.py). This box serves evaluation as it is; `train_glip.inclusive_boxes` turns it into the
+    training convention."""
     x, y, w, h = (float(v) for v in bbox_xywh)
     sx, sy = size / float(width), size / float(height)
     return torch.tensor([x * sx, y * sy, (x + w) * sx, (y + h) * sy], dtype=torch.float32)
@@ -137,7 +144,7 @@ class DetectionDataset(Dataset):
         self.root, self.image_size = root, image_size
         self.categories = list(categories) if categories is not None else d["categories"]
         self.images = d["images"]
-        # "circle. square. ..." in a fixed order; the span of each category name (spec/GLIP_T_A.md §13)
+        # "circle. square. ..." in a fixed order (GLIP's ". " separated class prompt); each name's character span
         self.caption, self.name_spans, pos = "", {}, 0
         for name in self.categories:
             self.name_spans[name] = [pos, pos + len(name)]

@@ -1,8 +1,9 @@
 """Gaussian diffusion for the mask DiT: schedules, forward noising, the training loss, and a DDIM sampler that
-keeps intermediate latents (spec/DIFF_PROMPT_STAGES.md §3). Read it beside DDPM (Ho et al. 2020), improved
+keeps intermediate latents (the authors' copies of the ADM code: `DiT-main/diffusion/` for training,
+`GLIP/maskrcnn_benchmark/modeling/dit/diffusion/` for stage 3). Read it beside DDPM (Ho et al. 2020), improved
 DDPM (Nichol & Dhariwal 2021, "IDDPM") and DDIM (Song et al. 2021); equation numbers refer to those papers.
 
-    diffusion = GaussianDiffusion(get_betas("linear", 100))          # the training process, spec §3.1
+    diffusion = GaussianDiffusion(get_betas("linear", 100))          # the training process of the mask DiT
     losses = diffusion.training_losses(model_fn, x0, t)              # {"loss", "mse", "vb"} per sample
     x0_hat, kept = diffusion.ddim_sample(model_fn, (B, 4, 28, 28), num_steps=25, keep=9)
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 # ----------------------------------------------------------------------------------------------------------------
-# Noise schedules (spec/diffusion_schedules.tsv)
+# Noise schedules (β and ᾱ for T = 100 tabulated in tests/fixtures/diffusion_schedules.tsv)
 
 
 def betas_for_alpha_bar(num_steps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999) -> np.ndarray:
@@ -30,7 +31,9 @@ def betas_for_alpha_bar(num_steps: int, alpha_bar: Callable[[float], float], max
 
 def get_betas(name: str, num_steps: int = 100) -> np.ndarray:
     """β_0..β_{T-1} in float64. 'linear': DDPM's 1e-4..0.02 rescaled to T steps (T=100: 0.001..0.2, the
-    training schedule, spec §3.1); 'squaredcos_cap_v2': IDDPM eq. 17 cosine ᾱ (the authors' stage-3 sampler)."""
+    training schedule: the default of `create_diffusion` in `DiT-main/diffusion/__init__.py`); 'squaredcos_cap_v2':
+    IDDPM eq. 17 cosine ᾱ (the authors' stage-3 sampler, `GLIP/maskrcnn_benchmark/modeling/detector/
+    generalized_vl_rcnn.py`)."""
     if name == "linear":
         scale = 1000 / num_steps
         return np.linspace(scale * 0.0001, scale * 0.02, num_steps, dtype=np.float64)
@@ -41,7 +44,7 @@ def get_betas(name: str, num_steps: int = 100) -> np.ndarray:
 
 def ddim_timesteps(num_train_steps: int, num_steps: int) -> list[int]:
     """ADM's space_timesteps(T, 'ddimN'): the smallest stride giving exactly N steps, timesteps {0, s, 2s, ...}.
-    T=100, N=25 → stride 4, [0, 4, ..., 96] (spec §3.2)."""
+    T=100, N=25 → stride 4, [0, 4, ..., 96] (the authors' stage-3 'ddim25')."""
     for stride in range(1, num_train_steps):
         if len(range(0, num_train_steps, stride)) == num_steps:
             return list(range(0, num_train_steps, stride))
@@ -54,9 +57,11 @@ def ddim_timesteps(num_train_steps: int, num_steps: int) -> list[int]:
 
 def authors_keep_policy(num_steps: int, depth: int) -> list[int]:
     """Which DDIM loop outputs become prompts: one per prompt depth, every other step counted from the cleanest,
-    cleanest first (spec §3.4). For 25 steps: [24, 22, 20, ...][:depth]; output k is the latent after step k+1,
-    so output N-1 is x̂₀. Unlike the authors' code (a fixed 12-entry list, §5 item 18), a depth with no
-    matching output is an error rather than a silent cap."""
+    cleanest first, as `ddim_sample_loop` in the authors' `GLIP/maskrcnn_benchmark/modeling/dit/diffusion/
+    gaussian_diffusion.py`. For 25 steps: [24, 22, 20, ...][:depth]; output k is the latent after step k+1,
+    so output N-1 is x̂₀: prompt layer 0 gets the cleanest latent, deeper layers noisier ones. Their code
+    indexes with the fixed 12-entry list [24, 22, ..., 2], so a depth above 12 is silently capped at 12;
+    here a depth with no matching output is an error instead."""
     available = list(range(num_steps - 1, -1, -2))
     if depth < 0 or depth > len(available):
         raise ValueError(f"prompt depth {depth} needs {depth} latents taken every other DDIM step, but {num_steps} "
@@ -86,7 +91,8 @@ def _approx_standard_normal_cdf(x):
 
 def discretized_gaussian_log_likelihood(x, means, log_scales):
     """log P(x) of a Gaussian discretised into 8-bit bins on [-1, 1] (DDPM §3.3, ADM code). Inherited from
-    pixel-space diffusion; the latents here are not 8-bit data (spec §5 item 17), it is kept for fidelity."""
+    pixel-space diffusion; the raw VAE latents here are neither 8-bit data nor confined to [-1, 1], so the
+    t = 0 term means little. It is kept for fidelity to the authors' `_vb_terms_bpd`."""
     centered = x - means
     inv_stdv = torch.exp(-log_scales)
     cdf_plus = _approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
@@ -155,7 +161,7 @@ class GaussianDiffusion:
         mean, _, _ = self.q_posterior_mean_variance(x0_hat, xt, t)
         return {"mean": mean, "log_variance": log_variance, "pred_x0": x0_hat, "eps": eps}
 
-    # ---- training loss (spec §3.1) ----------------------------------------------------------------------------
+    # ---- training loss (ADM `GaussianDiffusion.training_losses`, as in `DiT-main/train.py`) ----------------------
 
     def vb_terms_bpd(self, model_output, x0, xt, t):
         """L_vb per sample in bits/dim: KL(q(x_{t-1}|x_t,x_0) ‖ p_θ(x_{t-1}|x_t)) for t > 0 (IDDPM eq. 5),
@@ -188,7 +194,7 @@ class GaussianDiffusion:
             weight = _gather(np.clip(1 / self.alphas_cumprod - 1, 1.0, x0_weight_cap), t, mse)
         return {"loss": weight * mse + vb, "mse": mse, "vb": vb}
 
-    # ---- DDIM sampling (spec §3.2, §3.4) ----------------------------------------------------------------------
+    # ---- DDIM sampling (ADM `ddim_sample_loop`, as the authors' stage 3 calls it) --------------------------------
 
     @torch.no_grad()
     def ddim_sample(self, model_fn, shape, noise=None, num_steps: int = 25, eta: float = 0.0,
@@ -199,7 +205,7 @@ class GaussianDiffusion:
         Starts from `noise` (or N(0, I)) taken as x at the largest kept timestep, like ADM. Loop output k
         (k = 0..N-1) is the latent after step k+1; output N-1 is x̂_0, the final sample.
         `keep` chooses which outputs are returned, in the order given:
-          int D      → `authors_keep_policy(N, D)`: D latents, every other step, cleanest first (spec §3.4);
+          int D      → `authors_keep_policy(N, D)`: D latents, every other step, cleanest first (authors' stage 3);
           sequence   → these loop-output indices; "all" → every output, cleanest first; None → none.
         Returns (sample, kept_latents: list of (B, C, H, W) tensors).
         """

@@ -1,10 +1,11 @@
 """The mask DiT of Diff-Prompt stage 2 ("DiT-My/2"): a diffusion transformer over VAE mask latents,
-conditioned on an image feature and a caption feature (spec/DIFF_PROMPT_STAGES.md §2).
+conditioned on an image feature and a caption feature (the authors' `DiT-main/models.py`, `DiT.forward` and
+`DiT_My_2`, in Kelvin-ywc/diff-prompt).
 
 It is facebookresearch/DiT with the class embedder replaced by the condition
-    c = concat(image_feature + t_emb, text_feature + t_emb)        # (B, 2·hidden), spec §2.2 step 3
+    c = concat(image_feature + t_emb, text_feature + t_emb)        # (B, 2·hidden)
 that drives every adaLN-Zero modulation. Parameter names follow the authors' code, so their raw training
-checkpoint (`model` / `ema` entries) and the HF export load strictly (spec/keys/mask_dit.tsv):
+checkpoint (`model` / `ema` entries) and the HF export load strictly (keys: `tests/fixtures/mask_dit.tsv`):
 
     dit = load_dit("0094200.pt", which="model")       # what stage 3 of the authors used
     out = dit(x_t, t, image_features, text_features)  # (B, 8, 28, 28): ε̂ (4 channels) + variance values v (4)
@@ -50,7 +51,7 @@ class TimestepEmbedder(nn.Module):
 
     @staticmethod
     def timestep_embedding(t, dim, max_period=10000):
-        """[cos(t·f_k), sin(t·f_k)], f_k = exp(-ln(max_period)·k/(dim/2)); cos first (spec §2.2 step 2)."""
+        """[cos(t·f_k), sin(t·f_k)], f_k = exp(-ln(max_period)·k/(dim/2)); cos first (as DiT's `models.py`)."""
         half = dim // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t[:, None].float() * freqs[None]                                 # (B, half)
@@ -117,7 +118,7 @@ class DiTBlock(nn.Module):
         self.attn = Attention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        # the condition is 2·hidden wide (image half + text half), spec §2.1
+        # the condition is 2·hidden wide (image half + text half): 1024 adaLN inputs at hidden 512
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size or 2 * hidden_size, 6 * hidden_size))
 
     def forward(self, x, c):
@@ -148,7 +149,7 @@ class DiT(nn.Module):
                  mlp_ratio=4.0, learn_sigma=True, cond_dim=512, image_channels=0):
         super().__init__()
         if cond_dim != hidden_size:
-            # the features are *added* to the timestep embedding, so they must have its width (spec §2.2 step 3)
+            # the features are *added* to the timestep embedding, so they must have its width (512 for CLIP B/32)
             raise ValueError(f"DiT: cond_dim ({cond_dim}) must equal hidden_size ({hidden_size}) because the "
                              "condition features are added to the timestep embedding; change one of them")
         if input_size % patch_size:
@@ -166,14 +167,14 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(patch_size, in_channels + image_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         num_patches = (input_size // patch_size) ** 2
-        # fixed sin-cos positions, stored (a frozen Parameter is part of the state dict, spec §2.2 step 1)
+        # fixed sin-cos positions, stored (a frozen Parameter is part of the state dict, as in DiT `models.py`)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self):
-        """Xavier Linears, fixed sin-cos pos_embed, N(0, 0.02) timestep MLP, adaLN-Zero (spec §2.2 Initialisation)."""
+        """Xavier Linears, fixed sin-cos pos_embed, N(0, 0.02) timestep MLP, adaLN-Zero (DiT `initialize_weights`)."""
         def _basic_init(module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -203,7 +204,7 @@ class DiT(nn.Module):
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
     def unpatchify(self, x):
-        """(B, N, p·p·C) tokens → (B, C, H, W) image; token (h, w) holds its patch as (p, q, c) (spec §2.2 step 6)."""
+        """(B, N, p·p·C) tokens → (B, C, H, W) image; token (h, w) holds its patch as (p, q, c), as in DiT."""
         g = self.input_size // self.patch_size
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=g, w=g, p=self.patch_size, q=self.patch_size)
 
@@ -226,7 +227,8 @@ def guided(dit: DiT, image_features, text_features, guidance: float = 1.0):
     """The sampler's model_fn(x, t): the DiT bound to its condition. With guidance s ≠ 1, classifier-free guidance
     (Ho & Salimans 2022, eq. 6): ε̂ = ε̂(x_t, ∅) + s·(ε̂(x_t, c) - ε̂(x_t, ∅)), ∅ = zero features, the null
     condition that DiTConfig.cond_dropout trains; the variance channels stay the conditional ones. Not in the
-    authors' code (spec §2.1: no condition dropout), so their DiT samples with s = 1."""
+    authors' code (their `DiT-main/models.py` has no label embedder and no condition dropout), so their DiT
+    samples with s = 1."""
     if guidance == 1.0:
         return lambda x, t: dit(x, t, image_features, text_features)
     null_img, null_txt = torch.zeros_like(image_features), torch.zeros_like(text_features)
@@ -320,7 +322,8 @@ def load_dit(path, which: str = "model", **arch) -> DiT:
 
     `path`: the raw training checkpoint (`.pt` dict with `model`/`ema`/`opt`/`args`; `which` picks the
     `model` weights, which the authors' stage 3 used, or the `ema` weights, which their HF export holds), or
-    the HF export (folder, `.safetensors` or `.bin`; same key names, `which` is ignored), spec §2.3.
+    the HF export (folder, `.safetensors` or `.bin`; same key names, `which` is ignored). DiT-My/2 has 131 tensors,
+    77,158,944 parameters including the frozen `pos_embed`.
     """
     if which not in ("model", "ema"):
         raise ValueError(f"load_dit: which must be 'model' or 'ema', got {which!r}")

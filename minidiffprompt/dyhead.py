@@ -1,4 +1,4 @@
-"""DyHead: the feature tower of GLIP's grounding head (spec/GLIP_T_A.md §7).
+"""DyHead: the feature tower of GLIP's grounding head (GLIP's `DyConv`, `maskrcnn_benchmark/modeling/rpn/vldyhead.py`).
 
 One `DyConv` block maps the five FPN levels P3..P7 to five new maps of the same shapes. Per level it applies
 the three attentions of the DyHead paper (Dai et al., 2021):
@@ -27,10 +27,12 @@ def hsigmoid(x: torch.Tensor) -> torch.Tensor:
 def reinterpret_offsets(offset: torch.Tensor, mask: torch.Tensor, out_h: int, out_w: int):
     """View offsets/masks computed on an H×W map as if laid out for a smaller out_h×out_w output.
 
-    Official GLIP feeds the offsets of level l to the conv on the coarser level l+1; its CUDA kernel never checks
-    the shapes and reads a *memory prefix* of the buffers (spec/GLIP_T_A.md §7.1, bug G1). The checkpoint was
-    trained with this, so we reproduce it exactly: flatten per image, keep the first 18·h'·w' (resp. 9·h'·w')
-    numbers, reshape. This is not a spatial crop.
+    Official GLIP feeds the offsets of level l to the conv on the coarser level l+1 (`DyConv.forward` in
+    `maskrcnn_benchmark/modeling/rpn/vldyhead.py`); its CUDA kernel (`modulated_deformable_im2col_gpu_kernel`,
+    `csrc/cuda/deform_conv_kernel_cuda.cu`) never checks the shapes and reads a *memory prefix* of the buffers.
+    The checkpoint was trained with this, so we reproduce it exactly: flatten per image, keep the first 18·h'·w'
+    (resp. 9·h'·w') numbers, reshape. This is not a spatial crop; torchvision's `deform_conv2d` rejects the raw
+    tensors, hence the explicit view.
     """
     B = offset.shape[0]
     n_off, n_mask = offset.shape[1], mask.shape[1]
@@ -40,14 +42,14 @@ def reinterpret_offsets(offset: torch.Tensor, mask: torch.Tensor, out_h: int, ou
 
 
 class ModulatedDeformConv(nn.Module):
-    """Modulated deformable 3×3 conv (DCNv2) with weight/bias named like the checkpoint (spec §7.2)."""
+    """Modulated deformable 3×3 conv (DCNv2) named like the checkpoint (GLIP's `layers/deform_conv.py`)."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
         super().__init__()
         self.stride = stride
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
         self.bias = nn.Parameter(torch.zeros(out_channels))
-        bound = 1.0 / math.sqrt(in_channels * 9)  # mmcv init: U(±1/sqrt(fan_in)), zero bias (spec §8)
+        bound = 1.0 / math.sqrt(in_channels * 9)  # GLIP's reset_parameters: U(±1/sqrt(fan_in)), zero bias
         nn.init.uniform_(self.weight, -bound, bound)
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
@@ -55,9 +57,9 @@ class ModulatedDeformConv(nn.Module):
 
     def forward(self, x, offset, mask):
         oh, ow = self.output_size(x.shape[-2], x.shape[-1])
-        if offset.shape[-2:] != (oh, ow):  # the coarser level: memory-prefix view (spec §7.1)
+        if offset.shape[-2:] != (oh, ow):  # the coarser level: memory-prefix view
             offset, mask = reinterpret_offsets(offset, mask, oh, ow)
-        # the original forces this op to fp32 under AMP (spec §7.2)
+        # GLIP forces this op to fp32 under AMP (`@custom_fwd(cast_inputs=torch.float32)`)
         dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         out = deform_conv2d(x.to(dtype), offset.to(dtype), self.weight.to(dtype), self.bias.to(dtype),
                             stride=self.stride, padding=1, mask=mask.to(dtype))
@@ -77,7 +79,7 @@ class Conv3x3Norm(nn.Module):
 
 
 class DyReLU(nn.Module):
-    """Task-aware attention: y = max(α1·x + β1, α2·x + β2) with coefficients from GAP(x) (spec §7.1 step 4)."""
+    """Task-aware attention: y = max(α1·x + β1, α2·x + β2) with coefficients from GAP(x) (GLIP's `DYReLU`)."""
 
     def __init__(self, channels: int, reduction: int = 4):
         super().__init__()
@@ -96,7 +98,7 @@ class DyReLU(nn.Module):
 
 
 class DyConv(nn.Module):
-    """One DyHead block over the whole pyramid; every sub-module is shared across levels (spec §7)."""
+    """One DyHead block over the whole pyramid; every sub-module is shared across levels (GLIP's `DyConv`)."""
 
     def __init__(self, channels: int = 256, gn_groups: int = 16):
         super().__init__()
@@ -107,11 +109,11 @@ class DyConv(nn.Module):
         self.relu = DyReLU(channels)
         self.offset = nn.Conv2d(channels, 27, 3, padding=1)  # 18 offsets (dy, dx per tap) + 9 modulation logits
         # zero init (mmcv's DCNv2 convention): training starts from a plain 3×3 conv with masks σ(0) = 0.5.
-        # GLIP keeps PyTorch's default here (spec §8); it only matters when training from scratch
+        # GLIP keeps PyTorch's default here (`DyConv.init_weights` skips `offset`); it only matters from scratch
         nn.init.zeros_(self.offset.weight)
         nn.init.zeros_(self.offset.bias)
         for m in list(self.DyConv.modules()) + list(self.AttnConv.modules()):
-            if isinstance(m, nn.Conv2d):  # DyConv.init_weights (spec §8); the deformable convs keep their init
+            if isinstance(m, nn.Conv2d):  # GLIP's DyConv.init_weights; the deformable convs (no nn.Conv2d) keep theirs
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
 
@@ -126,7 +128,8 @@ class DyConv(nn.Module):
                 cands.append(self.DyConv[2](feats[l - 1], offset, mask))     # stride 2 → (B, C, H_l, W_l)
             if l < len(feats) - 1:
                 coarse = self.DyConv[0](feats[l + 1], offset, mask)          # (B, C, H_{l+1}, W_{l+1})
-                # official GLIP: F.upsample_bilinear = bilinear with align_corners=True (spec §7.1, bug S3)
+                # official GLIP: F.upsample_bilinear = bilinear with align_corners=True, as GLIP-T(A) was trained;
+                # the authors' copy switched to F.interpolate's default, nearest (marked FIXME in their vldyhead.py)
                 cands.append(F.interpolate(coarse, size=x.shape[-2:], mode="bilinear", align_corners=True))
             # 2. scale-aware attention: π_T = hsig(ReLU(conv(GAP(T)))), one scalar per image and candidate
             stacked = torch.stack(cands)                                     # (T, B, C, H, W)

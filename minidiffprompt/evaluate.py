@@ -1,15 +1,16 @@
 """Referring-expression evaluation: R@1 / R@5 / UB on val, testA, testB for every trained stage-3 method.
 
     python -m minidiffprompt evaluate --preset tiny --out runs/tiny            # every RUN/prompts/* + zero-shot
-    python -m minidiffprompt evaluate --preset tiny --use_giou true            # the authors' hit criterion (S12)
+    python -m minidiffprompt evaluate --preset tiny --use_giou true            # the authors' hit test: GIoU
 
-For each expression GLIP returns at most 100 boxes sorted by the phrase score (spec/GLIP_T_A.md §14); they are
-rescaled to the original image (W/S, H/S per axis) and compared with the ground-truth box: R@1 uses the top
-box, R@5 the top five, UB any kept box; a hit is IoU >= 0.5 (GIoU with --use_giou true). Diff-Prompt's DDIM
-noise is drawn per sample from (seed, dataset index), so the same seed gives the same numbers (the authors drew
-fresh noise at test time, spec S9). Each split also gets R@1 by expression kind (`by_kind`: attribute / extreme /
-relation on the synthetic set, "all" on real data) and, for every method, its R@1 minus zero-shot's on the same
-expressions with the paired standard error (`vs_zeroshot`). Output: RUN/eval/results.{json,md} and
+For each expression GLIP returns at most 100 boxes sorted by the phrase score (`head.decode_detections`, as GLIP's
+`ATSSPostProcessor`); they are rescaled to the original image (W/S, H/S per axis) and compared with the
+ground-truth box: R@1 uses the top box, R@5 the top five, UB any kept box; a hit is IoU >= 0.5 (GIoU with
+--use_giou true). Diff-Prompt's DDIM noise is drawn per sample from (seed, dataset index), so the same seed gives
+the same numbers (the authors' code draws fresh noise on every forward, test time included, so their results vary
+between runs unless the RNG is seeded). Each split also gets R@1 by expression kind (`by_kind`: attribute /
+extreme / relation on the synthetic set, "all" on real data) and, for every method, its R@1 minus zero-shot's on
+the same expressions with the paired standard error (`vs_zeroshot`). Output: RUN/eval/results.{json,md} and
 RUN/eval/qualitative.png.
 """
 from __future__ import annotations
@@ -63,7 +64,7 @@ def predict(glip, prompter, dataset, preset: Preset, device, batch_size: int | N
 
 
 def to_original(boxes: torch.Tensor, size, image_size: int) -> torch.Tensor:
-    """S-frame xyxy → original pixels, (W/S, H/S) per axis, no ±1 correction (spec/GLIP_T_A.md §14)."""
+    """S-frame xyxy → original pixels, (W/S, H/S) per axis, no ±1 correction (GLIP's `BoxList.resize`)."""
     w, h = size
     return boxes * torch.tensor([w / image_size, h / image_size, w / image_size, h / image_size])
 

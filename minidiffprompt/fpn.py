@@ -1,4 +1,4 @@
-"""Feature pyramid P3-P7 on top of the Swin stages C3-C5 (spec/GLIP_T_A.md §5).
+"""Feature pyramid P3-P7 on top of the Swin stages C3-C5 (GLIP's `maskrcnn_benchmark/modeling/backbone/fpn.py`).
 
     fpn = FPN((192, 384, 768), 256)
     p3, p4, p5, p6, p7 = fpn([c2, c3, c4, c5])   # 28², 14², 7², 4², 2² at a 224 input; 256 channels each
@@ -22,10 +22,11 @@ def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
 
 
 class DropBlock2D(nn.Module):
-    """Zero random size x size blocks, rescale the rest; training mode only (spec §5 step 5, §17 G8).
+    """Zero random size x size blocks, rescale the rest; training mode only (GLIP's `layers/dropblock.py`).
 
-    GLIP fine-tuning has it on (prob 0.3, size 3); Diff-Prompt keeps the FPN in eval mode, so the frozen
-    model never runs it. `drop_prob=0` turns it off.
+    GLIP's defaults turn it on (`MODEL.FPN.DROP_BLOCK = True`, prob 0.3, size 3 in `config/defaults.py`), so its
+    FPN drops blocks whenever it is in training mode; Diff-Prompt keeps the FPN in eval mode, so the frozen model
+    never runs it. `drop_prob=0` turns it off.
     """
 
     def __init__(self, drop_prob: float = 0.3, block_size: int = 3):

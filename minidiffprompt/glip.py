@@ -4,10 +4,10 @@
     dets = glip.eval()(images01, ["a cat. a dog."], spans=[[[2, 5]]])   # [{"boxes": (K,4), "scores": (K,)}]
     losses = glip.train()(images01, captions, targets=[{"boxes": (G,4), "spans": [[[b, e]], ...]}])
 
-Images are RGB in [0, 1] (B, 3, S, S); `glip_normalize` turns them into GLIP's BGR-255 input (spec/GLIP_T_A.md §3).
-Visual prompts (B, P, embed_dim) join Swin block g's windows, textual prompts (B, P, hidden) BERT layer i's input
-(spec §16.2–§16.3). Module tree (spec §15.1): backbone.{body, fpn}, language_backbone.body.model, rpn.{head,
-anchor_generator}.
+Images are RGB in [0, 1] (B, 3, S, S); `glip_normalize` turns them into GLIP's BGR-255 input (`TO_BGR255` and
+`PIXEL_MEAN/STD` in GLIP's `data/transforms/build.py`). Visual prompts (B, P, embed_dim) join Swin block g's
+windows (swin.py), textual prompts (B, P, hidden) BERT layer i's input (bert.py). Module tree as GLIP's
+`GeneralizedVLRCNN`: backbone.{body, fpn}, language_backbone.body.model, rpn.{head, anchor_generator}.
 """
 from __future__ import annotations
 
@@ -72,7 +72,11 @@ class GLIP(nn.Module):
         self._tokenizer = tok
 
     def train(self, mode: bool = True):
-        """nn.Module.train, then frozen parts back to eval: no DropPath/DropBlock/dropout in them (spec §16.4)."""
+        """nn.Module.train, then frozen parts back to eval: no DropPath/DropBlock/dropout in them.
+
+        The authors' `GeneralizedVLRCNN.train` (`GLIP/maskrcnn_benchmark/modeling/detector/generalized_vl_rcnn.py`)
+        does the same with prompts on: Swin, FPN, head and BERT run exactly as at inference while prompts train.
+        """
         super().train(mode)
         if mode:
             for part in (self.backbone.body, self.backbone.fpn, self.language_backbone, self.rpn.head):
@@ -81,13 +85,13 @@ class GLIP(nn.Module):
         return self
 
     def encode_text(self, captions: list[str], textual_prompts=None, device=None):
-        """(embedded (B, T, H) with padding rows zeroed, attention mask (B, T)) (spec §6)."""
+        """(embedded (B, T, H) with padding rows zeroed, attention mask (B, T)) (GLIP's `BertEncoder`)."""
         ids, mask = tokenize(self.tokenizer, captions, self.cfg.max_query_len, device=device)
         hidden = self.language_backbone.body(ids, mask, textual_prompts)
         return hidden * mask[..., None].to(hidden.dtype), mask
 
     def token_map(self, caption: str, spans) -> torch.Tensor:
-        """(T,) binary positive map of the character spans (spec §13)."""
+        """(T,) binary positive map of the character spans (`text.positive_map`)."""
         return positive_map(self.tokenizer, caption, spans, self.cfg.max_query_len)
 
     def forward(self, images01: torch.Tensor, captions: list[str], targets: list[dict] | None = None,
@@ -98,7 +102,7 @@ class GLIP(nn.Module):
         → {"loss_token", "loss_reg", "loss_centerness"}; `normalizers`: see `atss.grounding_losses`.
         Otherwise → per image {"boxes": (K, 4), "scores": (K,)}, best first, K ≤ detections_per_img; `spans`
         (per image a list of [b, e) of the phrase) pick the tokens whose mean probability scores a box
-        (spec §14); None, or spans that hit no token, use every caption token except [CLS]/[SEP].
+        (GLIP's `SCORE_AGG` MEAN); None, or spans that hit no token, use every caption token except [CLS]/[SEP].
         """
         cfg, device = self.cfg, images01.device
         if len(captions) != images01.shape[0]:
@@ -151,7 +155,7 @@ class GLIP(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loading (spec §15.2)
+# Loading
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
@@ -164,7 +168,10 @@ def glip_config_from_dict(d: dict) -> GLIPConfig:
 
 
 def reconcile_glip_state_dict(obj: dict) -> dict:
-    """Official GLIP checkpoint → our names: take ["model"], strip `module.`, drop position_ids/pooler (§15.2)."""
+    """Official GLIP checkpoint → our names: take ["model"], strip `module.`, drop BERT's position_ids/pooler.
+
+    Everything else has the official names; `bert.drop_legacy_bert_keys` says why the two BERT extras may be there.
+    """
     state = obj["model"] if isinstance(obj.get("model"), dict) else obj
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
     state, _ = drop_legacy_bert_keys(state)
@@ -197,7 +204,7 @@ def load_glip_checkpoint(path, cfg: GLIPConfig | None = None, vocab_file=None) -
                                 "vocab_file=)")
     model = GLIP(cfg, vocab_file=vocab_file)
     own = model.state_dict()
-    # deterministic buffers may be left out of a checkpoint: recompute them (spec §15.2)
+    # deterministic buffers (relative_position_index, cell_anchors) may be left out of a checkpoint: recompute them
     for k, v in own.items():
         if k not in state and (k.endswith("relative_position_index") or ".cell_anchors." in k):
             state[k] = v

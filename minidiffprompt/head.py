@@ -1,11 +1,12 @@
 """GLIP's grounding head: DyHead tower, box/centerness/region-token predictions, anchors, box coder, decoding.
 
-    feats P3..P7 ──DyHead×N──► G3..G7 ──► deltas (scaled per level), centerness logit,
-                                       └─► S = G·τᵀ / e^{log_scale} + b_t        (region–token logits)
+    feats P3..P7 ──DyHead×N──► D3..D7 ──► deltas (scaled per level), centerness logit,
+                                       └─► S = D·τᵀ / e^{log_scale} + b_t        (region–token logits)
     text features e ──L2 norm──► τ = proj(ê / 2),  b_t = ê·bias_lang + bias0
 
-Everything follows spec/GLIP_T_A.md §8–§10 and §14; parameter names follow the official checkpoint (`rpn.head.*`,
-`rpn.anchor_generator.cell_anchors.*`). The ATSS assignment and the losses live in atss.py.
+Everything follows GLIP's `maskrcnn_benchmark/modeling/rpn/`: `vldyhead.py` (`VLDyHead`, `BoxCoder`),
+`anchor_generator.py` and `inference.py` (`ATSSPostProcessor`); parameter names follow the official checkpoint
+(`rpn.head.*`, `rpn.anchor_generator.cell_anchors.*`). The ATSS assignment and the losses live in atss.py.
 """
 from __future__ import annotations
 
@@ -39,14 +40,14 @@ class BufferList(nn.Module):
 
 
 def cell_anchor(stride: int, scale: float) -> torch.Tensor:
-    """maskrcnn-style square anchor of side scale·stride centred on the base window [0, 0, s−1, s−1] (spec §9)."""
+    """Square anchor of side scale·stride centred on the base window [0, 0, s−1, s−1] (as `generate_anchors`)."""
     c = (stride - 1) / 2.0
     half = (scale * stride - 1) / 2.0
     return torch.tensor([[c - half, c - half, c + half, c + half]], dtype=torch.float32)  # (1, 4)
 
 
 class AnchorGenerator(nn.Module):
-    """One square anchor per location and level; `anchor_scale` 8 gives GLIP's sizes 64..1024 (spec §9)."""
+    """One square anchor per location and level; `anchor_scale` 8 gives GLIP's sizes 64..1024 (anchor_generator.py)."""
 
     def __init__(self, strides=(8, 16, 32, 64, 128), scale: float = 8.0):
         super().__init__()
@@ -65,7 +66,10 @@ class AnchorGenerator(nn.Module):
 
 
 class BoxCoder:
-    """Pixel-inclusive anchor-relative box coding with weights (10, 10, 5, 5) (spec §10, bug G3)."""
+    """Pixel-inclusive anchor-relative box coding with weights (10, 10, 5, 5).
+
+    GLIP's `BoxCoder` (`modeling/rpn/vldyhead.py`) hard-codes these weights and ignores the configured ones.
+    """
 
     def __init__(self, weights=(10.0, 10.0, 5.0, 5.0), clip: float = math.log(1000.0 / 16)):
         self.weights, self.clip = weights, clip
@@ -111,7 +115,7 @@ class Scale(nn.Module):
 
 
 class GroundingHead(nn.Module):
-    """`rpn.head`: DyHead tower + box, centerness and dot-product region–token predictions (spec §8)."""
+    """`rpn.head`: DyHead tower + box, centerness and dot-product region–token predictions (GLIP's `VLDyHead`)."""
 
     def __init__(self, channels: int = 256, text_hidden: int = 768, num_blocks: int = 6, gn_groups: int = 16,
                  num_cls_logits: int = 80, num_levels: int = 5, prior_prob: float = 0.01):
@@ -134,7 +138,7 @@ class GroundingHead(nn.Module):
     def forward(self, feats: list[torch.Tensor], embedded: torch.Tensor) -> dict:
         """feats: P3..P7 (B, C, H_l, W_l); embedded: masked text features (B, T, D).
 
-        Returns levels concatenated in the flattening order of spec §8 (level, then y, then x):
+        Returns levels concatenated in GLIP's order (`permute_and_flatten`: level, then y, then x):
         `logits` (B, A, T), `deltas` (B, A, 4), `centerness` (B, A), and `sizes` [(H_l, W_l)].
         """
         for block in self.dyhead_tower:
@@ -155,7 +159,7 @@ class GroundingHead(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Inference (spec §14)
+# Inference (GLIP's `ATSSPostProcessor`, `modeling/rpn/inference.py`)
 
 
 def box_nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, rule: str = "glip") -> torch.Tensor:
@@ -181,11 +185,11 @@ def decode_detections(out: dict, anchors: list[torch.Tensor], token_masks: torch
     """Ranked boxes per image from the head outputs.
 
     token_masks: (B, T) bool, the phrase tokens whose mean probability scores a box. Per level: mean token
-    probability > score_th, at most pre_nms_top_n by probability×centerness, decode, clip to the (H, W) image [0, W−1]×[0, H−1];
-    then NMS over all levels (`nms_rule`, see `box_nms`), score = sqrt(prob × centerness), sorted descending, and
-    the detection cap as GLIP's post-processor applies it (`modeling/rpn/inference.py`, `select_over_all_levels`):
-    with more than max_dets boxes left, keep every box scoring at least the max_dets-th best score, so boxes tied
-    at the cap all stay.
+    probability > score_th, at most pre_nms_top_n by probability×centerness, decode, clip to the (H, W) image
+    [0, W−1]×[0, H−1]; then NMS over all levels (`nms_rule`, see `box_nms`), score = sqrt(prob × centerness),
+    sorted descending, and the detection cap as GLIP's post-processor applies it (`modeling/rpn/inference.py`,
+    `select_over_all_levels`): with more than max_dets boxes left, keep every box scoring at least the max_dets-th
+    best score, so boxes tied at the cap all stay.
     """
     probs = out["logits"].float().sigmoid()                                 # (B, A, T)
     w = token_masks.to(probs.dtype)

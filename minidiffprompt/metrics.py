@@ -1,8 +1,9 @@
 """Referring-expression metrics: R@1, R@5 and UB (upper bound: any kept box is a hit), as tables.
 
 A prediction is a list of boxes sorted by score, best first (GLIP keeps at most 100). A hit is IoU >= 0.5 with
-the ground-truth box, both xyxy in the same frame, continuous coordinates (GT x2 = x + w, spec/GLIP_T_A.md G4).
-The authors' evaluator counted GIoU >= 0.5 instead (spec/GLIP_T_A.md §17 S12): `use_giou=True` reproduces it.
+the ground-truth box, both xyxy in the same frame, continuous coordinates (GT x2 = x + w, as GLIP's evaluator).
+The authors' evaluator, GLIP's `RefExpEvaluator.summarize` (maskrcnn_benchmark/data/datasets/refexp.py), counts
+GIoU >= 0.5 instead: `use_giou=True` reproduces it.
 An image with no detection is a miss.
 """
 from __future__ import annotations

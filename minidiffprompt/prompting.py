@@ -2,9 +2,11 @@
 
 Every prompt module maps a batch (images in [0,1], captions) to `(visual_prompts, textual_prompts)`: two lists
 indexed by layer (Swin global block / BERT layer) of (B, L, dim) tensors, or None for a side without prompts.
-GLIP consumes them (spec/GLIP_T_A.md §16.2-16.3).
+GLIP consumes them: visual prompt d joins every attention window of Swin block d (`swin.SwinTransformer`),
+textual prompt d is prepended to the input of BERT layer d and dropped after it (`bert.PromptedBert`).
 
-Diff-Prompt (spec/GLIP_T_A.md §16.1, spec/DIFF_PROMPT_STAGES.md §3.2-§4):
+Diff-Prompt (ICLR 2025), as `extract_visual_textual_dit_features` in the authors' Kelvin-ywc/diff-prompt
+`GLIP/maskrcnn_benchmark/modeling/detector/generalized_vl_rcnn.py` runs it on every forward:
     1. condition: image and caption embeddings from the frozen condition encoder (CLIP ViT-B/32 in the paper)
     2. DDIM from noise with the frozen DiT, keeping one latent per prompt layer (layer 0 = the cleanest)
     3. decode the kept latents with the frozen Mask-VAE in one batched call -> D masks per sample
@@ -33,7 +35,8 @@ def seeded_noise(shape: tuple, seeds: list[int], device) -> torch.Tensor:
 
 
 def freeze(module: nn.Module) -> nn.Module:
-    """requires_grad False everywhere and eval mode (spec/GLIP_T_A.md §16.4: everything but the adapters)."""
+    """requires_grad False everywhere and eval mode: in stage 3 everything but the adapters is frozen (the
+    authors' `GeneralizedVLRCNN.train()` leaves requires_grad on only for `dit2vision` / `dit2language`)."""
     for p in module.parameters():
         p.requires_grad_(False)
     return module.eval()
@@ -74,7 +77,7 @@ class DiffPromptGenerator(nn.Module):
         return self
 
     def trainable_state_dict(self) -> dict:
-        """Only the adapters and global prompts: the keys of spec/keys/adapters_depth9_len8.tsv."""
+        """Only the adapters and global prompts: the keys of tests/fixtures/adapters_depth9_len8.tsv."""
         return {k: v for k, v in self.state_dict().items() if k.startswith(("dit2vision.", "dit2language."))}
 
     def latent_shape(self) -> tuple:
@@ -84,15 +87,17 @@ class DiffPromptGenerator(nn.Module):
     def sample_masks(self, images01: torch.Tensor, captions: list[str], seeds: list[int] | None = None):
         """Steps 1-3: DDIM latents kept per layer, decoded together -> masks (D, B, 1, M, M)."""
         b, device = images01.shape[0], images01.device
-        if self.cfg.clip_input == "glip":  # the authors fed GLIP's BGR-255 normalised tensor (spec S6); encode()
-            cond_images = (glip_normalize(images01) + 1) / 2    # maps x -> 2x - 1, so it sees exactly that tensor
+        # DiT training fed CLIP RGB in [-1, 1] (the authors' DiT-main/utils/data/transforms/transforms.py); their
+        # stage 3 feeds CLIP GLIP's BGR-255 mean/std-normalised tensor (neither is CLIP's own normalisation)
+        if self.cfg.clip_input == "glip":  # the authors' stage-3 input; encode() maps x -> 2x - 1,
+            cond_images = (glip_normalize(images01) + 1) / 2    # so it sees exactly that tensor
         elif self.cfg.clip_input == "train":  # RGB in [-1, 1], what the DiT was trained with
             cond_images = images01
         else:
             raise ValueError(f"clip_input must be 'train' or 'glip', got {self.cfg.clip_input!r}")
         img_feat, txt_feat = self.condition_encoder.encode(cond_images, captions)  # (B, D_c) each
         shape = self.latent_shape()
-        if seeds is None:  # training: fresh noise every step, as the authors (spec S9)
+        if seeds is None:  # training: fresh noise every step, as the authors (who do so at test time too)
             noise = torch.randn((b, *shape), device=device)
         else:              # evaluation: each sample's noise from its own seed -> reproducible results
             noise = seeded_noise(shape, seeds, device)

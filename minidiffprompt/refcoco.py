@@ -11,8 +11,9 @@ attribute words, for detection pre-training) and `vocab.txt` (a BERT
 WordPiece vocabulary covering all captions and category names).
 
 Positive spans: with `--mdetr-dir`, each expression takes the `tokens_positive` of the MDETR entry with the same
-image, caption and box (the root noun phrase, spec/GLIP_T_A.md §13). Without MDETR files, or for an expression
-MDETR lacks, **the whole expression is the positive span** [0, len(sent)).
+image, caption and box (the root noun phrase, found with spaCy by `get_root_and_nouns` in ashkamath/mdetr
+scripts/fine-tuning/refexp_coco_format.py). Without MDETR files, or for an expression MDETR lacks, **the whole
+expression is the positive span** [0, len(sent)).
 
 Bad records (malformed refs, unknown annotation or image, missing or unreadable image file, degenerate box,
 crowd/RLE segmentation, no usable polygon, no sentence) are dropped and counted; if more than

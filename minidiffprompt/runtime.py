@@ -42,7 +42,7 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on GPU (spec: the authors trained stage 3 with AMP); full fp32 on CPU."""
+    """bf16 autocast on GPU (the authors trained stage 3 with mixed precision, SOLVER.USE_AMP); full fp32 on CPU."""
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

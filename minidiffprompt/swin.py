@@ -1,13 +1,16 @@
 """Swin Transformer (v1) backbone of GLIP-T(A), with Diff-Prompt's visual prompt slots.
 
-spec/GLIP_T_A.md §4 (architecture), §16.2 (prompts), §17 S1/S2/G9 (what not to copy, what to keep).
+Follows the detection Swin of GLIP (microsoft/GLIP `maskrcnn_benchmark/modeling/backbone/swint.py`; Swin paper,
+Liu et al. 2021, §3) and the prompt slots of the authors' copy of that file (Kelvin-ywc/diff-prompt
+`GLIP/maskrcnn_benchmark/modeling/backbone/swint.py`, `SwinTransformerBlock.forward`, `WindowAttention.forward`),
+without that copy's two prompt bugs (see `SwinBlock.forward` and `WindowAttention.attention_bias`).
 
     swin = SwinTransformer()                      # Swin-T: 96, (2,2,6,2), (3,6,12,24), window 7
     c2, c3, c4, c5 = swin(images)                 # (B,96,56,56) (B,192,28,28) (B,384,14,14) (B,768,7,7) at 224
     feats = swin(images, visual_prompts=[p0, ..., p8])   # p_g: (B, P, 96) joins every window of block g
 
 Parameter and buffer names follow the detection Swin of maskrcnn-benchmark, so `backbone.body.*` of the
-official GLIP checkpoint loads strictly (spec/keys/glip_a_tiny_o365.tsv).
+official GLIP checkpoint loads strictly (key manifest: `tests/fixtures/glip_a_tiny_o365.tsv`).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from torch import nn
 
 
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
-    """(B, Hp, Wp, C) -> (B*nW, ws*ws, C); windows batch-major, then row, then column (spec §4.3 step 4)."""
+    """(B, Hp, Wp, C) -> (B*nW, ws*ws, C); windows batch-major, then row, then column (GLIP's order)."""
     return rearrange(x, "b (nh wh) (nw ww) c -> (b nh nw) (wh ww) c", wh=ws, ww=ws)
 
 
@@ -31,7 +34,7 @@ def window_merge(windows: torch.Tensor, ws: int, Hp: int, Wp: int) -> torch.Tens
 
 
 def shift_window_mask(Hp: int, Wp: int, ws: int, shift: int, device=None) -> torch.Tensor:
-    """Additive mask (nW, N, N) of a shifted block: 0 inside one region, -100 across regions (spec §4.4)."""
+    """Additive mask (nW, N, N) of a shifted block: 0 within a region, -100 across (GLIP's `BasicLayer.forward`)."""
     labels = torch.zeros(Hp, Wp, device=device)
     cuts = lambda n: ((0, n - ws), (n - ws, n - shift), (n - shift, n))  # noqa: E731
     region = 0
@@ -91,7 +94,7 @@ class Mlp(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patch x patch conv to embed_dim, then LayerNorm on the tokens (spec §4.1)."""
+    """Non-overlapping patch x patch conv to embed_dim, then LayerNorm on the tokens (GLIP's `PatchEmbed`)."""
 
     def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96):
         super().__init__()
@@ -121,7 +124,7 @@ class PatchMerging(nn.Module):
 
 
 def merge_2x2(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """(B, H*W, C) -> (B, ceil(H/2)*ceil(W/2), 4C), zero-padding odd sides, channels [x0, x1, x2, x3] (spec §4.5)."""
+    """(B, H*W, C) -> (B, ceil(H/2)*ceil(W/2), 4C), zero-padding odd sides, channels [x0, x1, x2, x3] (as GLIP)."""
     x = rearrange(x, "b (h w) c -> b h w c", h=H, w=W)
     x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
     # channel block (q, p) holds x[:, p::2, q::2]: x0=[0::2,0::2], x1=[1::2,0::2], x2=[0::2,1::2], x3=[1::2,1::2]
@@ -149,7 +152,9 @@ class WindowAttention(nn.Module):
         bias = rearrange(bias, "(n m) h -> h n m", n=N)[None]  # (1, heads, N, N)
         if mask is not None:
             bias = bias + mask[:, None].to(bias.dtype)        # (nW, heads, N, N)
-        # the prompts sit AFTER the N window tokens, so the zeros go at the end (spec §16.2, not bug S2)
+        # the prompts sit AFTER the N window tokens, so their zero rows/cols go at the end. The authors' copy inserts
+        # them at the front: window token i >= P then gets the bias and mask of token i-P, tokens 0..P-1 get none,
+        # and the prompts get those of the last P window tokens (shifted-window masking is broken where prompted).
         return F.pad(bias, (0, num_prompts, 0, num_prompts))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None):
@@ -165,11 +170,11 @@ class WindowAttention(nn.Module):
         bias = rearrange(bias, "w h n m -> (w h) n m").to(q.dtype)  # broadcast over the batch
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         out = rearrange(out, "b (w h) n d -> (b w) n (h d)", w=nW)
-        return self.proj(out[:, :N])                        # prompt outputs are dropped (spec §16.2 step 4)
+        return self.proj(out[:, :N])                        # prompt outputs are dropped; each block gets fresh ones
 
 
 class SwinBlock(nn.Module):
-    """x + DropPath(W-MSA/SW-MSA(LN(x))), then x + DropPath(MLP(LN(x))) (spec §4.3)."""
+    """x + DropPath(W-MSA/SW-MSA(LN(x))), then x + DropPath(MLP(LN(x))) (GLIP's `SwinTransformerBlock`)."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, shift: int, mlp_ratio: float = 4.0,
                  drop_path: float = 0.0):
@@ -186,15 +191,16 @@ class SwinBlock(nn.Module):
         B, _, C = x.shape
         ws, s = self.window_size, self.shift
         y = rearrange(self.norm1(x), "b (h w) c -> b h w c", h=H, w=W)
-        y = F.pad(y, (0, 0, 0, (-W) % ws, 0, (-H) % ws))  # pad AFTER norm1 (spec §4.3 step 2)
+        y = F.pad(y, (0, 0, 0, (-W) % ws, 0, (-H) % ws))  # pad AFTER norm1, as GLIP does
         Hp, Wp = y.shape[1:3]
         mask = None
-        if s > 0:  # kept even when the map is a single window (spec §17 G9)
+        if s > 0:  # kept even when the map is a single window, as in GLIP (the classification Swin drops it)
             y = torch.roll(y, shifts=(-s, -s), dims=(1, 2))
             mask = shift_window_mask(Hp, Wp, ws, s, device=x.device)
         windows = window_partition(y, ws)  # (B*nW, N, C)
         if prompts is not None:
-            # windows are batch-major, so window k belongs to image k // nW (fixes bug S1 of spec §17)
+            # windows are batch-major, so window k belongs to image k // nW. The authors' copy tiles the prompts with
+            # repeat(nW, 1, 1), which gives window k the prompt of image k mod B: right only for a batch of one.
             prompts = repeat(prompts, "b p c -> (b w) p c", w=windows.shape[0] // B)
         y = window_merge(self.attn(windows, mask, prompts), ws, Hp, Wp)  # (B, Hp, Wp, C)
         if s > 0:
@@ -220,7 +226,7 @@ class SwinStage(nn.Module):
 
 
 class SwinTransformer(nn.Module):
-    """Swin v1 returning the four stage outputs [C2, C3, C4, C5] as (B, C, H, W) maps (spec §4.6)."""
+    """Swin v1 returning the four stage outputs [C2, C3, C4, C5] as (B, C, H, W) maps (GLIP's `SwinTransformer`)."""
 
     def __init__(self, patch_size: int = 4, embed_dim: int = 96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
                  window_size: int = 7, mlp_ratio: float = 4.0, drop_path_rate: float = 0.2, out_norms: bool = True,
@@ -229,9 +235,9 @@ class SwinTransformer(nn.Module):
         self.embed_dim, self.depths = embed_dim, tuple(depths)
         self.num_features = [embed_dim * 2 ** i for i in range(len(depths))]
         self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
-        # Swin's `ape` option (Swin paper §3.3 and its detection code, `absolute_pos_embed`): a learned position
-        # table on a ape_grid² patch grid, resized bicubically to the input's grid and added to the patch tokens.
-        # Windows alone see only relative positions; this tells every token where in the image it is.
+        # Swin's `ape` option (ablated in the Swin paper, Table 4; `absolute_pos_embed` of GLIP's swint.py): a learned
+        # position table on a ape_grid² patch grid, resized bicubically to the input's grid and added to the patch
+        # tokens. Windows alone see only relative positions; this tells every token where in the image it is.
         self.absolute_pos_embed = nn.Parameter(torch.zeros(1, embed_dim, ape_grid, ape_grid)) if ape_grid else None
         if ape_grid:
             nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
@@ -241,7 +247,7 @@ class SwinTransformer(nn.Module):
             SwinStage(self.num_features[i], depths[i], num_heads[i], window_size, mlp_ratio,
                       dpr[begin[i]:begin[i] + depths[i]], downsample=i < len(depths) - 1)
             for i in range(len(depths))])
-        # stage output norms: norm0 is Identity in the detection config (arch name ends in RETINANET, spec §1.1)
+        # stage output norms; norm0 is an Identity, as GLIP makes it for a backbone arch ending in RETINANET
         for i, c in enumerate(self.num_features):
             setattr(self, f"norm{i}", nn.LayerNorm(c) if out_norms and i > 0 else nn.Identity())
         self.apply(self._init_weights)
@@ -261,7 +267,7 @@ class SwinTransformer(nn.Module):
         return sum(self.depths)
 
     def _prompt_for(self, visual_prompts, g: int, C: int, B: int):
-        """The prompt of global block g viewed at width C: (B, P*embed/C, C) (spec §16.2 step 1), or None."""
+        """The prompt of global block g viewed at width C: (B, P*embed/C, C) (the authors' plain `view`), or None."""
         if visual_prompts is None or g >= len(visual_prompts) or visual_prompts[g] is None:
             return None
         p = visual_prompts[g]

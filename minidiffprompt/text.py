@@ -16,8 +16,9 @@ _PUNCT = re.compile(r"[.!\"()*#:;~]")
 
 
 def clean_caption(caption: str, max_words: int = 30) -> str:
-    """The authors' `pre_caption` (spec/DIFF_PROMPT_STAGES.md §2.4): lower-case, each of .!"()*#:;~ → space,
-    collapse whitespace, strip, keep at most `max_words` words. Used for the condition encoder's captions."""
+    """The authors' `pre_caption` (Kelvin-ywc/diff-prompt `DiT-main/utils/data/datasets/datasets.py`): lower-case,
+    each of .!"()*#:;~ → space, collapse whitespace, strip, keep at most `max_words` words. Used for the condition
+    encoder's captions."""
     caption = _PUNCT.sub(" ", caption.lower())
     caption = re.sub(r"\s{2,}", " ", caption).strip()
     words = caption.split(" ")
@@ -54,7 +55,10 @@ def load_tokenizer(path_or_vocab: str | Path):
 
 
 def positive_map(tokenizer, caption: str, spans, max_len: int) -> torch.Tensor:
-    """(max_len,) binary row: 1 at the tokens covered by the character spans [beg, end) (spec/GLIP_T_A.md §13).
+    """(max_len,) binary row: 1 at the tokens covered by the character spans [beg, end).
+
+    As GLIP's `create_positive_map` (`maskrcnn_benchmark/data/datasets/modulated_coco.py`), which normalises the
+    row to sum 1; GLIP's training collate (`data/collate_batch.py`) turns it back into 0/1.
 
     b = char_to_token(beg), retried at beg+1, beg+2; e = char_to_token(end-1), retried at end-2, end-3; a span
     whose ends cannot be found is skipped; tokens b..e inclusive are marked; several spans are OR-ed. Token

@@ -1,5 +1,5 @@
 """Stage 2 training: the DiT learns to denoise mask latents given the image and the caption
-(spec/DIFF_PROMPT_STAGES.md §2.5, §3.1).
+(the authors' `DiT-main/train.py` in Kelvin-ywc/diff-prompt).
 
     python -m minidiffprompt train-vae --preset tiny                 # stage 1 first: its VAE encodes the masks
     python -m minidiffprompt train-dit --preset tiny                 # about two minutes on a laptop CPU
@@ -7,7 +7,8 @@
 
 The authors' recipe: one sample per (object, expression); x_0 = a posterior sample of the frozen Mask-VAE
 (no scaling factor); CLIP image and text features under no_grad; t ~ U{0..99}; loss = ε-MSE + VB (linear
-schedule, T = 100); AdamW lr 1e-4 (constant), weight decay 0; EMA 0.9999; batch 128, 100 epochs.
+schedule, T = 100); AdamW lr 1e-4 (constant: their cosine LR scheduler steps only once, after the training
+loop), weight decay 0; EMA 0.9999; batch 128, 100 epochs.
 `cache_latents` encodes every mask (posterior mean and σ) and every condition feature once, then draws a
 fresh posterior sample per step, so epochs do not re-read images or re-run the encoders.
 
@@ -51,7 +52,10 @@ def load_stage1_vae(out, device="cpu") -> MaskVAE:
 def load_stage2(out, preset: Preset, device="cpu", which: str = "ema", sampling_schedule: str = "train"):
     """(dit, vae, diffusion, encoder) of a finished run folder, ready to sample; `which` = "ema" (model.safetensors)
     or "model" (the raw weights in checkpoint.pt). `sampling_schedule` "train" samples with the training schedule
-    (correct); "squaredcos_cap_v2" reproduces the authors' stage-3 sampler (spec §3.3)."""
+    (correct); "squaredcos_cap_v2" reproduces the authors' stage-3 sampler, which uses the cosine schedule on a
+    DiT trained with the linear one (`create_diffusion` in `DiT-main/train.py` vs. in
+    `GLIP/maskrcnn_benchmark/modeling/detector/generalized_vl_rcnn.py`), so at the same t the network expects
+    far more noise than the sampler assumes."""
     cfg, folder = preset.dit, Path(out) / "dit"
     arch = dit_arch(cfg)
     if which == "ema":
@@ -83,7 +87,7 @@ def encode_split(root, split: str, preset: Preset, vae: MaskVAE, encoder: Condit
     loader = DataLoader(dataset, batch_size=128, shuffle=False, collate_fn=collate)
     parts = {"mean": [], "std": [], "image_features": [], "text_features": [], "mask": [], "caption": []}
     for batch in progress(loader, desc=f"encode {split}", leave=False):
-        posterior = vae.encode(batch["mask"].to(device))                     # q(z | mask), spec §1.4
+        posterior = vae.encode(batch["mask"].to(device))                     # q(z | mask), no scaling factor
         img, txt = encoder.encode(batch["image"].to(device), batch["caption"])
         for key, value in (("mean", posterior.mean), ("std", posterior.std), ("image_features", img),
                            ("text_features", txt), ("mask", batch["mask"])):
@@ -274,7 +278,7 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
                        desc=f"epoch {epoch + 1}/{cfg.epochs}")
         for x0, img, txt in bar:
             img, txt = drop_conditions(img, txt, cfg.cond_dropout, generator)
-            t = torch.randint(0, diffusion.num_timesteps, (len(x0),), device=device)   # uniform t (spec §2.5)
+            t = torch.randint(0, diffusion.num_timesteps, (len(x0),), device=device)   # uniform t, as DiT-main/train.py
             losses = diffusion.training_losses(lambda x, tt: model(x, tt, img, txt), x0, t,
                                                x0_weight_cap=cfg.x0_weight_cap)
             loss = losses["loss"].mean()

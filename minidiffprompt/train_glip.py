@@ -81,16 +81,24 @@ def holdout_indices(n: int, fraction: float) -> tuple[list[int], list[int]]:
 
 
 def phrase_prompt(cats: list[str], attrs: list[list[str]], categories: list[str], rng: random.Random,
-                  attribute_sets: list[tuple], max_phrases: int = 7) -> tuple[str, list[list]]:
+                  attribute_sets: list[tuple], max_phrases: int = 7,
+                  attribute_only: float = 0.0) -> tuple[str, list[list]]:
     """A grounding prompt of noun phrases ("small red circle. star. blue square.") and, per box, the spans of the
     phrases that describe it (every word of the phrase is the box's category or one of its attributes).
 
     The stand-in for GLIP's grounding pre-training data (phrases with attributes, GLIP paper §3): one phrase per
     object, its attribute words a random subset of the object's, and negative phrases that describe no object of the
-    image, in a random order. Without attribute annotations (real COCO) the phrases are the category names.
+    image, in a random order. A share `attribute_only` of the phrases keep their attribute words alone ("green"),
+    which then describe every object that has them: each attribute word learns its own visual meaning, not only as
+    part of one shape's phrase. Without attribute annotations (real COCO) the phrases are the category names.
     """
     described = list(zip(cats, attrs))
-    describe = lambda c, a: " ".join([w for w in a if rng.random() < 0.6] + [c])   # noqa: E731
+
+    def describe(c, a):
+        words = [w for w in a if rng.random() < 0.6]
+        if words and attribute_only and rng.random() < attribute_only:
+            return " ".join(words)                # "green": every green object, whatever its shape
+        return " ".join(words + [c])
     fits = lambda phrase, c, a: set(phrase.split()) <= {c, *a}                      # noqa: E731
     phrases = [describe(c, a) for c, a in described]
     for _ in range(40):                       # negatives: phrases that fit no object of the image
@@ -105,14 +113,16 @@ def phrase_prompt(cats: list[str], attrs: list[list[str]], categories: list[str]
     return caption, [[spans[p] for p in phrases if fits(p, c, a)] for c, a in described]
 
 
-def make_targets(targets, categories, rng: random.Random, shuffle: bool = True, phrases: float = 0.0):
+def make_targets(targets, categories, rng: random.Random, shuffle: bool = True, phrases: float = 0.0,
+                 attribute_only: float = 0.0):
     """A prompt per image and the GLIP targets pointing at each box's words: with probability `phrases` a phrase
     prompt (`phrase_prompt`), else the class prompt with every category name (in a random order)."""
     attribute_sets = sorted({tuple(a) for _, _, attrs in targets for a in attrs if a})
     captions, out = [], []
     for boxes, cats, attrs in targets:
         if attribute_sets and rng.random() < phrases:
-            caption, box_spans = phrase_prompt(cats, attrs, list(categories), rng, attribute_sets)
+            caption, box_spans = phrase_prompt(cats, attrs, list(categories), rng, attribute_sets,
+                                               attribute_only=attribute_only)
         else:
             names = list(categories)
             if shuffle:
@@ -254,7 +264,7 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             captions, tg = make_targets([targets[i] for i in idx], categories, rng, cfg.shuffle_prompt,
-                                        cfg.phrase_prompts)
+                                        cfg.phrase_prompts, cfg.attribute_phrases)
             # the whole global batch's prompts (the same rng draws on every rank), then this rank's share
             share = slice(rank(), None, world_size())
             idx, captions, tg = idx[share], captions[share], tg[share]

@@ -5,13 +5,16 @@
     python -m minidiffprompt train-prompts --preset paper --data data/refcoco/processed \\
         --glip_weights glip_a_tiny_o365.pth --vae_weights mask_vae --dit_weights 0094200.pt
 
-Methods (--method): `diffprompt` (spec/GLIP_T_A.md §16), `vpt` (learnable visual prompts per Swin block),
-`textprompt` (learnable textual prompts per BERT layer), `full` (all GLIP parameters train, no prompts; the
-upper reference) and `zeroshot` (nothing trains). With prompts, only the prompt module trains: GLIP, DiT, VAE
-and the condition encoder are frozen, in eval mode, requires_grad False (spec §16.4). The loss is GLIP's own
-grounding loss (token focal + GIoU + centerness, spec/GLIP_T_A.md §12) on the referred box; AdamW with weight
-decay 0.05, gradient clipping at 1.0, constant lr (the authors' scheduler is disabled, spec S11), bf16 autocast
-on GPU, gradient accumulation up to the effective batch. Output: RUN/prompts/<method>[-<tag>]/.
+Methods (--method): `diffprompt` (Diff-Prompt, ICLR 2025; `prompting.DiffPromptGenerator`), `vpt` (learnable
+visual prompts per Swin block), `textprompt` (learnable textual prompts per BERT layer), `full` (all GLIP
+parameters train, no prompts; the upper reference) and `zeroshot` (nothing trains). With prompts, only the prompt
+module trains: GLIP, DiT, VAE and the condition encoder are frozen, in eval mode, requires_grad False (as the
+authors' `GeneralizedVLRCNN.train()`, which also keeps Swin DropPath, FPN DropBlock and BERT dropout off). The
+loss is GLIP's own grounding loss (token focal + GIoU + centerness: `ATSSLossComputation` in GLIP's
+maskrcnn_benchmark/modeling/rpn/loss.py; `atss.grounding_losses` here) on the referred box; AdamW with weight
+decay 0.05, gradient clipping at 1.0, constant lr (the authors' GLIP/tools/finetune.py sets the scheduler to None,
+so no warm-up or decay), bf16 autocast on GPU, gradient accumulation up to the effective batch. Output:
+RUN/prompts/<method>[-<tag>]/.
 """
 from __future__ import annotations
 
@@ -87,7 +90,8 @@ def load_generator_parts(preset: Preset, out: Path):
     dit_path = _stage_path(cfg.dit_weights, out, "dit", "DiT")
     d = preset.dit
     dit = load_dit(dit_path, **dit_arch(d))
-    # "train": sample with the schedule the DiT was trained on; "squaredcos_cap_v2": the authors' sampler (spec S4)
+    # "train": sample with the schedule the DiT was trained on; "squaredcos_cap_v2": the authors' stage-3 sampler,
+    # although their DiT-main/train.py trained the DiT on the default linear schedule (a train/sample mismatch)
     schedule = d.noise_schedule if cfg.sampling_schedule == "train" else cfg.sampling_schedule
     diffusion = GaussianDiffusion(get_betas(schedule, d.diffusion_steps))
     condition = build_condition_encoder(d)
@@ -166,7 +170,7 @@ def step_normalizers(glip, batches: list[dict], accum: int) -> torch.Tensor:
 
 
 def prompt_loss(glip, prompter, batch: dict, device, normalizers=None) -> tuple[torch.Tensor, dict]:
-    """Generate prompts (Diff-Prompt: fresh DDIM noise, spec S9) and return GLIP's summed grounding loss
+    """Generate prompts (Diff-Prompt: fresh DDIM noise every call) and return GLIP's summed grounding loss
     (`normalizers`: the step's loss denominators, `step_normalizers`)."""
     images = batch["image"].to(device)
     captions = batch["caption"]
@@ -221,7 +225,7 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
             start_epoch, history, step_losses = state["epoch"], state["history"], state["step_losses"]
             torch.set_rng_state(state["rng"])
         if world_size() > 1:
-            torch.manual_seed(cfg.seed + 1000 * rank() + start_epoch)   # fresh DDIM noise differs per rank (spec S9)
+            torch.manual_seed(cfg.seed + 1000 * rank() + start_epoch)   # fresh DDIM noise differs per rank
         dataset = RefExpDataset(data, "train", preset.data.image_size,
                                 mask_size=preset.data.mask_size if cfg.oracle_masks else None)
         micro = min(cfg.micro_batch, cfg.batch_size)

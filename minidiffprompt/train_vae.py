@@ -1,14 +1,16 @@
-"""Stage 1 training: fit the Mask-VAE to the masks of the referred objects (spec/DIFF_PROMPT_STAGES.md §1.3).
+"""Stage 1 training: fit the Mask-VAE to the masks of the referred objects (the authors' `unique_vae/run.py`).
 
     python -m minidiffprompt train-vae --preset tiny                  # synthetic set, about a minute on a CPU
     python -m minidiffprompt train-vae --preset paper --data data/refcoco/processed
     python -m minidiffprompt train-vae --preset tiny --epochs 6       # continues a finished 3-epoch run
 
-The authors' recipe: one sample per referred object, masks resized bilinearly to M×M in [0, 1], loss =
-pixel MSE + w_KL · KL with the KL summed over latent channels and averaged over batch and positions
-(w_KL = 3.7732e-4), Adam lr 5e-3, ExponentialLR γ = 0.95 per epoch, batch 64, 200 epochs. Validation reports
-their val_loss (KL weight 1.0, spec §5 item 2) plus what the later stages care about: the reconstruction MSE and
-the IoU of the reconstructed mask thresholded at 0.5.
+The authors' recipe (Kelvin-ywc/diff-prompt, `unique_vae/configs/mask_vae_v2.yaml`, `experiment.py`,
+`dataset.py`): one sample per referred object, masks resized bilinearly to M×M in [0, 1], loss = pixel MSE +
+w_KL · KL with the KL summed over latent channels and averaged over batch and positions (w_KL = 3.7732e-4),
+Adam lr 5e-3, ExponentialLR γ = 0.95 per epoch, batch 64, 200 epochs. Validation reports their val_loss (KL
+weight 1.0, not the training weight: `VAEXperiment.validation_step` passes M_N = 1.0, and their checkpoints are
+selected by it) plus what the later stages care about: the reconstruction MSE and the IoU of the reconstructed
+mask thresholded at 0.5.
 
 Writes `OUT/vae/`: `checkpoint.pt` after every epoch (resumable), then `model.safetensors`, `config.json`
 (diffusers-style architecture + the training config) and `metrics.json`.
@@ -83,7 +85,8 @@ def _masks(batch, device):
 
 
 def train_one_epoch(vae, loader, optimizer, device, kl_weight: float, desc: str = "train") -> dict:
-    """One pass over the training masks with the reparameterised sample (spec §1.3 "Forward during training")."""
+    """One pass over the training masks with the reparameterised sample z = mean + exp(logvar/2)·ε, as the
+    authors' `MaskVanillaVAE_V2.forward`."""
     vae.train()
     totals, n = {"loss": 0.0, "mse": 0.0, "kl": 0.0}, 0
     bar = progress(loader, desc=desc, leave=False)

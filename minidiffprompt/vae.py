@@ -2,12 +2,16 @@
 
 Written from scratch in the module layout of diffusers' `AutoencoderKL`, so that the authors' released weights
 (a diffusers folder, or their Lightning checkpoint with keys under `model.vae.`) load strictly with the key
-names of `spec/keys/mask_vae.tsv`. The computation is spec/DIFF_PROMPT_STAGES.md §1.2:
+names listed in `tests/fixtures/mask_vae.tsv`. The computation is that of the authors' `MaskVanillaVAE_V2`
+(Kelvin-ywc/diff-prompt, `unique_vae/models/mask_vanilla_vae_v2.py`), a stock diffusers `AutoencoderKL`:
 
     mask (B,1,224,224) -> Encoder -> quant_conv -> (mean, logvar) (B,4,28,28) -> z = mean + σ·ε
     z -> post_quant_conv -> Decoder -> (B,1,224,224), unbounded (no output activation)
 
-Later stages use raw posterior samples: no 0.18215 scaling anywhere (spec §1.4).
+Later stages use raw posterior samples: no 0.18215 scaling anywhere. The authors' DiT training
+(`DiT-main/train.py`) encodes with `latent_dist.sample()` and no scaling factor (the `.mul_(0.18215)` is commented
+out), and their stage 3 (`GLIP/maskrcnn_benchmark/modeling/detector/generalized_vl_rcnn.py`) decodes without one;
+0.18215 is only diffusers' default `scaling_factor`, never measured for this VAE.
 
     vae = MaskVAE()                            # the authors' configuration, 85,529 parameters
     vae = load_mask_vae("path/to/mask_vae")    # diffusers folder, .safetensors/.bin, or Lightning .ckpt
@@ -27,7 +31,7 @@ from torch import nn
 from .checkpoint import CheckpointMismatch, load_strict, read_state_dict
 
 # ----------------------------------------------------------------------------------------------------------------
-# Building blocks (spec §1.2 "Common pieces")
+# Building blocks (diffusers `ResnetBlock2D`, `Downsample2D`, `Upsample2D`, `Attention` as configured here)
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -90,7 +94,7 @@ class Attention(nn.Module):
         B, C, H, W = x.shape
         h = rearrange(self.group_norm(x), "b c h w -> b (h w) c")     # (B, HW, C) tokens
         q, k, v = (rearrange(proj(h), "b n c -> b 1 n c") for proj in (self.to_q, self.to_k, self.to_v))
-        # softmax(q kᵀ / √C) v with one head of width C (spec §1.2, head dim 16 in the authors' model)
+        # softmax(q kᵀ / √C) v with one head of width C (head dim 16 in the authors' model: 16 mid-block channels)
         h = F.scaled_dot_product_attention(q, k, v)                    # (B, 1, HW, C)
         h = self.to_out[0](rearrange(h, "b 1 n c -> b n c"))
         # attention output first: the sum then keeps its (channels-last) strides exactly as diffusers' does, so
@@ -212,8 +216,9 @@ class DiagonalGaussian:
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) per latent position, summed over channels only: (B, h, w).
 
-        The authors' loss averages this map over batch and positions (spec §1.3, §5 item 1); diffusers' own
-        `kl()` sums over positions too, which is 784× larger at 28×28.
+        The authors' loss (`MaskVanillaVAE_V2.loss_function`, `unique_vae/models/mask_vanilla_vae_v2.py`) sums
+        over channels only (`dim=1`) and averages this map over batch and positions; diffusers' own `kl()` sums
+        over positions too, which is 784× larger at 28×28.
         """
         return 0.5 * torch.sum(self.mean ** 2 + self.var - 1.0 - self.logvar, dim=1)
 
@@ -223,7 +228,7 @@ class DiagonalGaussian:
 
 
 class MaskVAE(nn.Module):
-    """AutoencoderKL for binary masks; the defaults are the authors' configuration (spec §1.1)."""
+    """AutoencoderKL for binary masks; the defaults are the authors' configuration (`MaskVanillaVAE_V2.__init__`)."""
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, block_out_channels=(4, 8, 16, 16),
                  layers_per_block: int = 2, latent_channels: int = 4, norm_num_groups: int = 2):
@@ -257,7 +262,7 @@ class MaskVAE(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loading the released weights (spec §1.1, §1.3 "Released checkpoint")
+# Loading the released weights (the diffusers export of `unique_vae/save_vae_ckpt.py`, or the Lightning checkpoint)
 
 ARCH_KEYS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
              "norm_num_groups")

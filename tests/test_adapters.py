@@ -1,5 +1,6 @@
 """MaskAdapter (the authors' DiT_Prompt): parameter counts and key names of the released layout, the forward pass
-against a hand-written reference, token order, ablation flags and initialisation (spec/DIFF_PROMPT_STAGES.md §4)."""
+against a hand-written reference, token order, ablation flags and initialisation (the authors' DiT_Prompt in
+Kelvin-ywc/diff-prompt GLIP/maskrcnn_benchmark/modeling/prompt/prompt.py)."""
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 from minidiffprompt.adapters import MaskAdapter, conv_stack_side
 
-# spec/keys/adapters_depth9_len8.tsv, per adapter (dim = 96 for dit2vision, 768 for dit2language)
+# tests/fixtures/adapters_depth9_len8.tsv, per adapter (dim = 96 for dit2vision, 768 for dit2language)
 CONV_SHAPES = {0: (8, 1, 3, 3), 2: (16, 8, 3, 3), 4: (32, 16, 3, 3), 6: (64, 32, 3, 3), 8: (128, 64, 3, 3)}
 
 
@@ -31,7 +32,7 @@ def test_keys_and_parameter_counts_match_the_release():
         assert {k: tuple(v.shape) for k, v in adapter.state_dict().items()} == manifest(dim)
     assert n_params(vision) == 2_510_528 and n_params(language) == 19_396_544
     assert n_params(vision) + n_params(language) == 21_907_072
-    # the paper's ablations (spec §4): depth 1/3/6/12 at L=8, length 2/4/12/16 at D=9
+    # the paper's ablations (Diff-Prompt, ICLR 2025): depth 1/3/6/12 at L=8, length 2/4/12/16 at D=9
     for depth, total in ((1, 21_879_424), (3, 21_886_336), (6, 21_896_704), (12, 21_917_440)):
         assert n_params(MaskAdapter(8, 96, depth)) + n_params(MaskAdapter(8, 768, depth)) == total
     for length, total in ((2, 5_624_128), (4, 11_051_776), (12, 32_762_368), (16, 43_617_664)):

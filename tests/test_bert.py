@@ -1,5 +1,5 @@
 """Text encoder: PromptedBert against plain HF BertModel and against a hand-written prompted BERT; tokenizer padding,
-model building and checkpoint keys (spec/GLIP_T_A.md §6, §13, §15, §16.3)."""
+model building and checkpoint keys (bert.py)."""
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,7 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "red", "blue", "ci
          "big", "small", "on", ".", "##s", "tri", "##angle"]
 
 
-KEYS = Path(__file__).resolve().parent / "fixtures" / "glip_a_tiny_o365.tsv"   # copy of spec/keys/glip_a_tiny_o365.tsv
+KEYS = Path(__file__).resolve().parent / "fixtures" / "glip_a_tiny_o365.tsv"   # key, shape of the official GLIP-T(A)
 
 
 def small_bert(attn: str | None = None) -> BertModel:
@@ -133,12 +133,12 @@ def test_tiny_bert_and_tokenizer_from_vocab(tmp_path):
 @pytest.mark.filterwarnings("ignore:bert-base-uncased config not found")
 def test_paper_bert_size_and_checkpoint_keys():
     bert = build_bert(GLIPConfig())  # bert-base-uncased config (or the identical BertConfig() default)
-    assert sum(p.numel() for p in bert.parameters()) == 108_891_648  # spec §15.3
+    assert sum(p.numel() for p in bert.parameters()) == 108_891_648  # the official language_backbone
     prefix = "language_backbone.body.model."
     manifest = {k[len(prefix):]: v for k, v in keys_from_tsv(KEYS).items()
                 if k.startswith(prefix)}
     assert {k: tuple(v.shape) for k, v in PromptedBert(bert).model.state_dict().items()} == manifest
-    # an older checkpoint's extras (spec §15.2) are dropped, then the rest loads strictly
+    # an older checkpoint's extras (position_ids, pooler) are dropped, then the rest loads strictly
     sd = {prefix + k: v for k, v in bert.state_dict().items()}
     sd[prefix + "embeddings.position_ids"] = torch.arange(512)[None]
     sd[prefix + "pooler.dense.weight"] = torch.zeros(768, 768)

@@ -56,7 +56,8 @@ def test_clip_encoder_matches_transformers_step_by_step(tmp_path):
     captions = ["The small RED circle.", "the square on the left"]
     img, txt = enc.encode(images, captions)
     with torch.no_grad():
-        # encode_image: CLS after post-LN, projected, not normalised; the input is RGB in [-1, 1] (spec §2.4)
+        # encode_image: CLS after post-LN, projected, not normalised; the input is RGB in [-1, 1] (the authors'
+        # DiT-main transform: Resize, ToTensor, Normalize(0.5, 0.5))
         ref_img = model.visual_projection(model.vision_model(pixel_values=images * 2 - 1).pooler_output)
         ids = tok(["the small red circle", "the square on the left"], padding="max_length", max_length=77,
                   truncation=True, return_tensors="pt")["input_ids"]

@@ -77,7 +77,7 @@ def test_image_transforms(tmp_path):
     ref = np.asarray(Image.fromarray(arr).resize((16, 16), Image.BILINEAR), dtype=np.float32) / 255
     assert img.shape == (3, 16, 16) and torch.allclose(img, torch.from_numpy(ref).permute(2, 0, 1))
     px = torch.tensor([1.0, 0.5, 0.0]).view(1, 3, 1, 1)  # RGB
-    out = glip_normalize(px).flatten().tolist()  # BGR, ×255, mean/std of spec/GLIP_T_A.md §3
+    out = glip_normalize(px).flatten().tolist()  # BGR, ×255, GLIP's PIXEL_MEAN / PIXEL_STD
     assert out == pytest.approx([(0 - 103.53) / 57.375, (127.5 - 116.28) / 57.12, (255 - 123.675) / 58.395])
     assert clip_normalize(px).flatten().tolist() == [1.0, 0.0, -1.0]
     assert scale_box([10, 20, 30, 10], 40, 20, 16).tolist() == pytest.approx([4, 16, 16, 24])

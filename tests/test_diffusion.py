@@ -1,5 +1,5 @@
-"""Diffusion: schedules against the spec tables, q / posterior against independent formulas and diffusers,
-the loss terms against torch.distributions, DDIM against diffusers' DDIMScheduler, the keep-policy."""
+"""Diffusion: schedules against the reference tables in fixtures/, q / posterior against independent formulas and
+diffusers, the loss terms against torch.distributions, DDIM against diffusers' DDIMScheduler, the keep-policy."""
 import math
 from pathlib import Path
 
@@ -10,14 +10,16 @@ import torch
 from minidiffprompt.diffusion import (GaussianDiffusion, authors_keep_policy, ddim_timesteps,
                                       discretized_gaussian_log_likelihood, get_betas)
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"   # copies of spec/diffusion_schedules.tsv, ddim25_cos_steps.tsv
+# diffusion_schedules.tsv: β and ᾱ for t = 0..99, linear (training) and cosine (stage-3 sampler), T = 100;
+# ddim25_cos_steps.tsv: the 25 cosine DDIM steps of stage 3 and which loop outputs become prompt layers
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def _table(name):
     return np.genfromtxt(FIXTURES / name, delimiter="\t", skip_header=1, dtype=str)
 
 
-def test_schedules_match_spec_table():
+def test_schedules_match_the_reference_table():
     tab = _table("diffusion_schedules.tsv").astype(np.float64)        # t, β lin, ᾱ lin, β cos, ᾱ cos
     lin = GaussianDiffusion(get_betas("linear", 100))
     cos = GaussianDiffusion(get_betas("squaredcos_cap_v2", 100))
@@ -29,7 +31,7 @@ def test_schedules_match_spec_table():
     assert lin.betas[0] == 0.001 and math.isclose(lin.betas[-1], 0.2)
 
 
-def test_ddim25_steps_and_kept_outputs_match_spec_table():
+def test_ddim25_steps_and_kept_outputs_match_the_reference_table():
     tab = _table("ddim25_cos_steps.tsv")          # k, i, τ, ᾱ_i, ᾱ_prev, output τ, prompt layer
     cos = GaussianDiffusion(get_betas("squaredcos_cap_v2", 100))
     timesteps = ddim_timesteps(100, 25)

@@ -95,9 +95,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, mo
 
 # A real stage under torchrun: train_vae.main on 32² masks (the default Mask-VAE, latents 4×4²), 32 train masks,
 # global batch 16, 3 epochs = 6 Adam steps. Two changes make one process and two comparable step by step:
-# the posterior mean stands in for the sample (each rank draws its own noise by design, spec §1.3's sample is
-# not reproducible across world sizes), and the single-process run uses the distributed sampler's order (its
-# default loader keeps its own generator so that existing runs and resumes stay bit-identical).
+# the posterior mean stands in for the sample (each rank draws its own noise by design, so the posterior sample the
+# authors' VAE training decodes is not reproducible across world sizes), and the single-process run uses the
+# distributed sampler's order (its default loader keeps its own generator so that existing runs and resumes stay
+# bit-identical).
 DRIVER = """
 import json, os, sys
 import torch

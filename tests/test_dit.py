@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from minidiffprompt.checkpoint import CheckpointMismatch, keys_from_tsv, save_weights
 from minidiffprompt.dit import DiT, DiT_My_2, TimestepEmbedder, guided, load_dit
 
-KEYS = Path(__file__).resolve().parent / "fixtures" / "mask_dit.tsv"     # copy of spec/keys/mask_dit.tsv
+KEYS = Path(__file__).resolve().parent / "fixtures" / "mask_dit.tsv"     # the authors' DiT-My/2 keys and shapes
 
 TINY = dict(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=4, cond_dim=32)
 
@@ -33,7 +33,7 @@ def paper_dit():
 def test_paper_parameter_count(paper_dit):
     total = sum(p.numel() for p in paper_dit.parameters())
     trainable = sum(p.numel() for p in paper_dit.parameters() if p.requires_grad)
-    assert total == 77_158_944                    # spec §2.3, including the stored pos_embed
+    assert total == 77_158_944                    # the authors' DiT-My/2, including the stored pos_embed
     assert trainable == 77_058_592
     assert paper_dit.pos_embed.numel() == 100_352 and not paper_dit.pos_embed.requires_grad
 
@@ -49,7 +49,8 @@ def test_state_dict_from_key_manifest_loads_strictly(paper_dit):
 
 
 def test_pos_embed_mae_layout():
-    # spec §2.2 step 1: channels [0, D/2) encode the column, [D/2, D) the row; each half [sin, cos]
+    # DiT's get_2d_sincos_pos_embed (MAE layout): channels [0, D/2) encode the column, [D/2, D) the row;
+    # each half [sin, cos]
     m = DiT(**{**TINY, "hidden_size": 16, "cond_dim": 16})
     pe, g, D = m.pos_embed[0], 4, 16
     for idx in range(g * g):
@@ -79,7 +80,8 @@ def test_attention_matches_naive_softmax():
 
 
 def test_forward_matches_reference_computation():
-    """The whole forward written out with plain torch ops (no einops), spec §2.2 steps 1-6."""
+    """The whole forward written out with plain torch ops (no einops): patch embedding + positions, timestep
+    embedding, condition, adaLN-Zero blocks, final layer, unpatchify."""
     m = _randomize(DiT(**TINY)).eval()
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 60])
     img, txt = torch.randn(2, 32), torch.randn(2, 32)

@@ -1,4 +1,4 @@
-"""DyHead (spec/GLIP_T_A.md §7): the modulated deformable conv against an explicit bilinear gather (incl. the
+"""DyHead (dyhead.py): the modulated deformable conv against an explicit bilinear gather (incl. the
 coarser-level offset reinterpretation read the way GLIP's CUDA kernel reads it), and a whole DyConv block
 against a plain-conv reference when the offsets are zero."""
 import math
@@ -26,7 +26,8 @@ def bilinear_zero_pad(img, y, x):
 def naive_mdcn(x, offset_raw, mask_raw, weight, bias, stride):
     """Modulated deformable 3×3 conv (pad 1) by explicit loops. Offsets/masks are read like the CUDA kernel:
     per image, channel c at output (i, j) is element c·h'·w' + i·w' + j of the image's raw buffer, whatever
-    shape the buffer was computed with (spec §7.1 offset quirk)."""
+    shape the buffer was computed with (GLIP's `modulated_deformable_im2col_gpu_kernel`; see
+    `dyhead.reinterpret_offsets`)."""
     B, C, H, W = x.shape
     oh, ow = (H - 1) // stride + 1, (W - 1) // stride + 1
     out = torch.zeros(B, weight.shape[0], oh, ow, dtype=x.dtype)
@@ -141,4 +142,4 @@ def test_dyconv_block_equals_plain_conv_reference_with_zero_offsets():
 
 
 def test_dyconv_parameter_count_paper():
-    assert sum(p.numel() for p in DyConv(256, 16).parameters()) == 1_917_276  # spec §15.3
+    assert sum(p.numel() for p in DyConv(256, 16).parameters()) == 1_917_276  # an official dyhead_tower block

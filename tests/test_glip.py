@@ -1,5 +1,5 @@
-"""The assembled GLIP (spec/GLIP_T_A.md §15–§16): the official key manifest loads strictly into the paper-size model
-with the §15.2 reconciliation, the parameter count, a tiny model's training/inference paths, prompts receiving
+"""The assembled GLIP (glip.py): the official key manifest loads strictly into the paper-size model
+with `reconcile_glip_state_dict`, the parameter count, a tiny model's training/inference paths, prompts receiving
 gradients through the frozen model, run-folder round trip, and (slow) a paper-size forward + backward."""
 import dataclasses
 import json
@@ -65,7 +65,7 @@ def test_official_key_manifest_loads_strictly(paper_model, tmp_path):
 
 
 def test_paper_parameter_count(paper_model):
-    assert count_parameters(paper_model) == 151_430_526                       # spec §15.3
+    assert count_parameters(paper_model) == 151_430_526                       # the official GLIP-T(A), 80 cls_logits
     assert count_parameters(paper_model.backbone) == 30_815_738
     assert count_parameters(paper_model.language_backbone) == 108_891_648
     assert count_parameters(paper_model.rpn) == 11_723_140
@@ -150,7 +150,7 @@ def test_run_folder_round_trip(vocab, tmp_path):
 
 @pytest.mark.slow
 def test_paper_size_forward_backward_with_prompts(paper_model, vocab):
-    """224×224, batch 2, prompts of depth 9 and length 8 into the frozen paper-size GLIP (spec §16)."""
+    """224×224, batch 2, prompts of depth 9 and length 8 into the frozen paper-size GLIP (Diff-Prompt's values)."""
     model = paper_model
     model.tokenizer = load_tokenizer(vocab)  # bert-base-uncased's vocabulary is not needed for the compute path
     for p in model.parameters():

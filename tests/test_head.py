@@ -1,4 +1,4 @@
-"""Grounding head pieces (spec/GLIP_T_A.md §8–§14): anchors, box coder, ATSS against a plain-Python reference and
+"""Grounding head pieces (head.py, atss.py): anchors, box coder, ATSS against a plain-Python reference and
 hand-made boxes, the losses against their formulas, and inference decoding on a crafted case."""
 import math
 import statistics
@@ -14,7 +14,8 @@ from minidiffprompt.head import AnchorGenerator, BoxCoder, GroundingHead, decode
 # anchors and box coder
 
 
-def test_cell_anchors_match_spec():
+def test_cell_anchors_match_glips():
+    """The cell anchors GLIP's `generate_anchors` makes for strides 8..128 and sizes 64..1024."""
     gen = AnchorGenerator((8, 16, 32, 64, 128), 8.0)
     expected = [[-28, -28, 35, 35], [-56, -56, 71, 71], [-112, -112, 143, 143], [-224, -224, 287, 287],
                 [-448, -448, 575, 575]]
@@ -49,8 +50,9 @@ def test_box_coder_hand_values_and_round_trip():
 
 
 def naive_atss(anchors, per_level, gt, topk):
-    """spec §11 with Python lists: candidates, mean+std threshold, centre inside, largest IoU wins."""
-    A, G = len(anchors), len(gt)
+    """GLIP's ATSS (`ATSSLossComputation.prepare_targets`) with Python lists: candidates, mean+std threshold,
+    centre inside, largest IoU wins."""
+    A = len(anchors)
 
     def iou(a, b):
         iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]) + 1)

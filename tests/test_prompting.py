@@ -39,7 +39,7 @@ def test_paper_size_trainable_parameters_and_keys():
     gen = DiffPromptGenerator(MaskVAE(), DiT(), GaussianDiffusion(get_betas("squaredcos_cap_v2", 100)),
                               TinyConditionEncoder(dim=512), cfg, vision_dim=96, text_dim=768, mask_size=224)
     assert count_trainable(gen) == 21_907_072
-    assert sum(p.numel() for p in gen.dit.parameters()) == 77_158_944       # frozen, spec §16
+    assert sum(p.numel() for p in gen.dit.parameters()) == 77_158_944       # frozen DiT-My/2, pos_embed included
     assert all(not p.requires_grad for m in (gen.vae, gen.dit) for p in m.parameters())
     keys = gen.trainable_state_dict()
     assert set(keys) == {k for k, p in gen.named_parameters() if p.requires_grad}
@@ -48,7 +48,7 @@ def test_paper_size_trainable_parameters_and_keys():
     assert sorted(k for k in keys if "global_prompt" in k)[0] == "dit2language.global_prompt.0.prompt"
     assert len(keys) == 2 * (12 + 9)                                          # 42 keys in the release manifest
     manifest = keys_from_tsv(Path(__file__).parent / "fixtures" / "adapters_depth9_len8.tsv")
-    assert {k: tuple(v.shape) for k, v in keys.items()} == manifest          # spec/keys/adapters_depth9_len8.tsv
+    assert {k: tuple(v.shape) for k, v in keys.items()} == manifest
 
 
 def test_masks_are_the_kept_ddim_latents_decoded_in_one_call():
@@ -129,8 +129,8 @@ def test_condition_encoder_input_train_or_authors_glip_tensor():
         gen.condition_encoder.encode = lambda x, c: (seen.append(x * 2 - 1), encode(x, c))[1]
         gen(*batch(2), seeds=[0, 1])
     images, _ = batch(2)
-    torch.testing.assert_close(seen[0], images * 2 - 1)          # what the DiT was trained with (spec §2.4)
-    torch.testing.assert_close(seen[1], glip_normalize(images))  # what the authors' stage 3 fed CLIP (spec S6)
+    torch.testing.assert_close(seen[0], images * 2 - 1)          # what the DiT was trained with: RGB in [-1, 1]
+    torch.testing.assert_close(seen[1], glip_normalize(images))  # what the authors' stage 3 fed CLIP: GLIP's tensor
 
 
 def test_oracle_masks_feed_the_true_mask_at_every_depth():

@@ -1,5 +1,5 @@
 """Swin-T and FPN: window attention with prompts against a naive per-window loop, prompt/image pairing,
-patch-merging order, parameter counts, checkpoint keys and output shapes (spec/GLIP_T_A.md §4, §5, §15, §16.2)."""
+patch-merging order, parameter counts, checkpoint keys and output shapes (swin.py, fpn.py)."""
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,7 @@ from minidiffprompt.swin import (PatchMerging, SwinBlock, SwinTransformer, merge
                                  shift_window_mask)
 
 
-KEYS = Path(__file__).resolve().parent / "fixtures" / "glip_a_tiny_o365.tsv"   # copy of spec/keys/glip_a_tiny_o365.tsv
+KEYS = Path(__file__).resolve().parent / "fixtures" / "glip_a_tiny_o365.tsv"   # key, shape of the official GLIP-T(A)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def test_patch_merging_order_on_a_hand_made_tensor():
     # 2x2 map, one channel, value = 10*row + col
     x = torch.tensor([[0.0, 1.0], [10.0, 11.0]]).view(1, 4, 1)
     assert merge_2x2(x, 2, 2).flatten().tolist() == [0.0, 10.0, 1.0, 11.0]  # (e,e), (o,e), (e,o), (o,o)
-    # the module against the spec formula, with odd sides zero-padded
+    # the module against GLIP's PatchMerging.forward (cat of x0..x3), with odd sides zero-padded
     torch.manual_seed(0)
     pm = PatchMerging(3)
     H, W = 5, 6
@@ -132,7 +132,7 @@ def test_relative_position_index_and_shift_mask():
     idx = relative_position_index(7)
     assert idx.shape == (49, 49) and idx.dtype == torch.int64
     assert idx[0, 48] == (0 - 6 + 6) * 13 + (0 - 6 + 6) and idx[48, 0] == 168 and idx[24, 24] == 84
-    # spec §17 G9: a 7x7 map with window 7 still gets a shift mask (3 row x 3 column regions)
+    # as in GLIP's detection Swin, a 7x7 map with window 7 still gets a shift mask (3 row x 3 column regions)
     m = shift_window_mask(7, 7, 7, 3)
     assert m.shape == (1, 49, 49) and set(m.unique().tolist()) == {-100.0, 0.0}
     assert m[0, 0, 4] == -100 and m[0, 0, 3] == 0 and m[0, 4, 48] == -100 and m[0, 48, 40] == 0
@@ -144,7 +144,7 @@ def test_relative_position_index_and_shift_mask():
 
 def test_swin_t_fpn_parameter_counts_and_checkpoint_keys():
     swin, fpn = SwinTransformer(), FPN((192, 384, 768), 256)
-    assert sum(p.numel() for p in swin.parameters()) == 27_520_506  # spec §15.3
+    assert sum(p.numel() for p in swin.parameters()) == 27_520_506  # the official GLIP-T(A)'s backbone.body
     assert sum(p.numel() for p in fpn.parameters()) == 3_295_232
     manifest = {k: v for k, v in keys_from_tsv(KEYS).items()
                 if k.startswith("backbone.")}
@@ -157,7 +157,7 @@ def test_swin_t_fpn_shapes_at_224_with_prompts():
     torch.manual_seed(0)
     swin, fpn = SwinTransformer().eval().requires_grad_(False), FPN().eval().requires_grad_(False)  # frozen
     images = torch.randn(1, 3, 224, 224)
-    prompts = [torch.randn(1, 8, 96, requires_grad=True) for _ in range(9)]  # depth 9, length 8 (spec §16)
+    prompts = [torch.randn(1, 8, 96, requires_grad=True) for _ in range(9)]  # depth 9, length 8: the authors' values
     feats = swin(images, prompts)
     assert [tuple(f.shape[1:]) for f in feats] == [(96, 56, 56), (192, 28, 28), (384, 14, 14), (768, 7, 7)]
     levels = fpn(feats)

@@ -1,4 +1,4 @@
-"""Caption cleaning, tokenizer loading and the span → token positive map (spec/GLIP_T_A.md §13)."""
+"""Caption cleaning, tokenizer loading and the span → token positive map (text.py)."""
 import pytest
 import torch
 
@@ -38,7 +38,7 @@ def test_tokenizer_errors_name_the_problem(tmp_path):
 
 
 def _reference_map(tok, caption, spans, max_len):
-    """Naive: a token is positive when its character range overlaps a span (equal to §13 on clean spans)."""
+    """Naive: a token is positive when its character range overlaps a span (equal to `positive_map` on clean spans)."""
     enc = tok(caption, return_offsets_mapping=True)
     row = torch.zeros(max_len)
     for i, (a, b) in enumerate(enc["offset_mapping"]):
@@ -48,8 +48,8 @@ def _reference_map(tok, caption, spans, max_len):
 
 
 @pytest.mark.parametrize("caption,spans,expected", [
-    ("man in red shirt on the left", [[0, 3]], {1}),                # spec §13 example 1
-    ("bottom left skateboarder", [[12, 24]], {3, 4, 5}),             # spec §13 example 2 (wordpieces)
+    ("man in red shirt on the left", [[0, 3]], {1}),                # [CLS] man ...: token 1
+    ("bottom left skateboarder", [[12, 24]], {3, 4, 5}),             # [CLS] bottom left skate ##board ##er
     ("the small red circle left of the circles", [[4, 20]], {2, 3, 4}),
     ("the small red circle", [[3, 20]], {2, 3, 4}),                  # begins on a space: retried at beg+1
     ("the small red circle ", [[4, 21]], {2, 3, 4}),                 # ends after a space: retried at end-2

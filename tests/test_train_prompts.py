@@ -33,7 +33,7 @@ def test_paper_size_step_updates_only_the_adapters(tmp_path):
                               TinyConditionEncoder(dim=512), cfg, vision_dim=96, text_dim=768, mask_size=224)
     for p in glip.parameters():
         p.requires_grad_(False)
-    glip.train()                                          # frozen parts fall back to eval mode (spec §16.4)
+    glip.train()                                          # frozen parts fall back to eval mode (as the authors' code)
     gen.train()
     assert count_trainable(gen) == 21_907_072 and count_trainable(glip) == 0
     assert not glip.backbone.body.training and not gen.dit.training

@@ -12,14 +12,14 @@ from minidiffprompt.checkpoint import CheckpointMismatch, keys_from_tsv, load_st
 from minidiffprompt.config import get_preset
 from minidiffprompt.vae import DiagonalGaussian, MaskVAE, diffusers_config, load_mask_vae
 
-# the authors' AutoencoderKL (spec/DIFF_PROMPT_STAGES.md §1.1)
+# the authors' AutoencoderKL (`MaskVanillaVAE_V2` in Kelvin-ywc/diff-prompt `unique_vae/models/mask_vanilla_vae_v2.py`)
 AUTHORS_CONFIG = dict(in_channels=1, out_channels=1, down_block_types=["DownEncoderBlock2D"] * 4,
                       up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(4, 8, 16, 16), layers_per_block=2,
                       latent_channels=4, norm_num_groups=2, sample_size=256)
 
 
-def spec_keys() -> Path:
-    return Path(__file__).resolve().parent / "fixtures" / "mask_vae.tsv"   # copy of spec/keys/mask_vae.tsv
+def vae_keys() -> Path:
+    return Path(__file__).resolve().parent / "fixtures" / "mask_vae.tsv"   # the authors' 248 AutoencoderKL keys, shapes
 
 
 def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
@@ -78,7 +78,7 @@ def test_matches_diffusers_autoencoderkl(direction):
         assert a.shape == b.shape, name
         rel = ((a - b).abs().max() / a.abs().max()).item()
         assert rel <= 1e-5, f"{name}: max difference {rel:.2e} of the output scale"
-    # diffusers' KL sums over positions too; ours keeps positions for the authors' mean (spec §5 item 1)
+    # diffusers' KL sums over positions too; ours keeps positions for the authors' mean over them
     torch.testing.assert_close(post.kl().sum((1, 2)), ref_post.kl(), rtol=1e-5, atol=1e-4)
 
 
@@ -96,7 +96,7 @@ def test_matches_diffusers_in_float64():
 
 
 def test_released_key_manifest_loads_strictly():
-    shapes = keys_from_tsv(spec_keys())
+    shapes = keys_from_tsv(vae_keys())
     vae = MaskVAE()
     assert len(shapes) == 248 and list(shapes) == list(vae.state_dict())
     load_strict(vae, {k: torch.zeros(s) for k, s in shapes.items()}, source="keys/mask_vae.tsv")
