@@ -5,15 +5,15 @@
     python data_prep.py refcoco --refer-dir refer/data/refcoco --coco-images coco/train2014 \
         [--mdetr-dir mdetr_annotations] --out data/refcoco/processed
         → {train,val,testA,testB}.json, detection.json, vocab.txt; without --mdetr-dir every positive span is the
-          whole expression (see minidiffprompt/refcoco.py)
+          whole expression (see minidiffprompt/data/refcoco.py)
 """
 import argparse
 import sys
 import time
 from pathlib import Path
 
-from minidiffprompt.refcoco import DataError, convert_refcoco
-from minidiffprompt.synthetic import ensure_synthetic
+from minidiffprompt.data.refcoco import DataError, convert_refcoco
+from minidiffprompt.data.synthetic import ensure_synthetic
 
 
 def main(argv=None) -> int:

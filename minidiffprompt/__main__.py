@@ -14,23 +14,27 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointMismatch
+import torch
+
+from .utils.checkpoint import CheckpointMismatch
 from .config import apply_overrides, get_preset
+from .data.refcoco import DataError
 
 # command -> (module with main(preset, data, out, resume), the preset sections its --key value options may set)
 COMMANDS = {
     "train-vae": ("train_vae", ("data", "vae"), "stage 1: train the Mask-VAE"),
     "train-dit": ("train_dit", ("data", "dit"), "stage 2: train the DiT prompt generator"),
-    "train-bert": ("train_bert", ("data", "bert", "glip"), "pre-train the tiny GLIP's small BERT (masked LM)"),
-    "train-clip": ("train_clip", ("data", "clip", "dit"), "train the tiny CLIP-like condition encoder"),
-    "train-glip": ("train_glip", ("data", "glip"), "pre-train the tiny GLIP on the detection split"),
+    "train-bert": ("pretrain.train_bert", ("data", "bert", "glip"), "pre-train the tiny GLIP's small BERT (masked LM)"),
+    "train-clip": ("pretrain.train_clip", ("data", "clip", "dit"), "train the tiny CLIP-like condition encoder"),
+    "train-glip": ("pretrain.train_glip", ("data", "glip"), "pre-train the tiny GLIP on the detection split"),
     "train-prompts": ("train_prompts", ("data", "prompt"), "stage 3: prompt tuning (Diff-Prompt or a baseline)"),
     "evaluate": ("evaluate", ("data", "eval", "prompt"), "R@1 / R@5 / UB on val, testA, testB"),
     "demo": ("demo", ("data", "vae", "dit", "glip", "prompt", "eval"), "the whole tiny pipeline with a report"),
-    "eval-base": ("base_eval", ("data", "prompt", "glip"), "the frozen base GLIP: detection, zero-shot referring"),
+    "eval-base": ("pretrain.base_eval", ("data", "prompt", "glip"), "the frozen base GLIP: detection, zero-shot referring"),
     "bench": ("bench", ("data", "vae", "dit", "glip", "prompt", "eval"), "throughput and memory of every stage"),
 }
 
@@ -55,7 +59,7 @@ def parse_overrides(rest: list[str]) -> dict[str, str]:
 
 def ship_main(argv: list[str]):
     """`python -m minidiffprompt ship RUN/STAGE NAME [--extra FILE.json]`: copy a finished run into the package."""
-    from .shipped import ship
+    from .pretrain.shipped import ship
     parser = argparse.ArgumentParser(prog="python -m minidiffprompt ship", description=ship.__doc__)
     parser.add_argument("run", type=Path, help="a finished stage folder, e.g. runs/tiny/glip")
     parser.add_argument("name", help="the shipped name, e.g. tiny_glip")
@@ -63,6 +67,27 @@ def ship_main(argv: list[str]):
     args = parser.parse_args(argv)
     extra = json.loads(args.extra.read_text()) if args.extra else None
     print(ship(args.run, args.name, extra))
+
+
+def device_name(name: str) -> str:
+    """argparse type of --device: auto, cpu, cuda or cuda:N."""
+    if name != "auto":
+        try:
+            torch.device(name)
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    return name
+
+
+def writable_folder(out: Path) -> None:
+    """Create `out` (and its parents) and check that files can be written there, before any work is done."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"--out {out} is not a writable folder ({e.strerror}); choose another --out") from None
 
 
 def main(argv: list[str] | None = None):
@@ -75,21 +100,24 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--preset", default="tiny", choices=["tiny", "paper"])
     parser.add_argument("--data", type=Path, default=None, help="processed data folder (default: the preset's)")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<preset>, demo: runs/demo)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--device", default="auto", type=device_name, help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--no-resume", action="store_true", help="start the stage afresh")
     parser.add_argument("--batch", type=int, default=None, help="bench: items per measured step")
     parser.add_argument("--compile", action="store_true", help="bench: also measure torch.compile")
     parser.add_argument("--probe", action="store_true", help="eval-base: also fit the linear position probe")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args, rest = parser.parse_known_args(argv)
 
     module_name, sections, _ = COMMANDS[args.command]
     preset = get_preset(args.preset)
     preset.device = args.device
-    apply_overrides([getattr(preset, s) for s in sections], parse_overrides(rest))
     data = args.data or Path(preset.data.root)
     out = args.out or Path("runs") / ("demo" if args.command == "demo" else preset.name)
-    module = importlib.import_module(f"minidiffprompt.{module_name}")
     try:
+        apply_overrides([getattr(preset, s) for s in sections], parse_overrides(rest))
+        preset.prompt.check(preset.glip)
+        writable_folder(out.parent if args.command == "eval-base" else out)
+        module = importlib.import_module(f"minidiffprompt.{module_name}")
         if args.command == "bench":
             return module.main(preset, data, out, resume=False, batch=args.batch, compile=args.compile or None)
         if args.command == "eval-base":
@@ -97,7 +125,10 @@ def main(argv: list[str] | None = None):
                 raise SystemExit("eval-base: give --out FILE.json")
             return module.main(preset, data, out, probe=args.probe)
         return module.main(preset, data, out, resume=not args.no_resume)
-    except (FileNotFoundError, CheckpointMismatch) as e:   # a missing input or a wrong file: say what, not where
+    except (OSError, ValueError, CheckpointMismatch, DataError) as e:
+        # a missing or unreadable input, a wrong file, a bad setting: one line that names it (--debug: traceback)
+        if args.debug:
+            raise
         raise SystemExit(f"{args.command}: {e}") from None
 
 

@@ -37,17 +37,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import dit as dit_module
-from . import swin as swin_module
+from .glip import swin as swin_module
 from .conditions import CLIPConditionEncoder, ConditionEncoder, build_condition_encoder
 from .config import Preset
 from .diffusion import GaussianDiffusion, get_betas
-from .data import glip_normalize
+from .data.datasets import glip_normalize
 from .dit import dit_from_config
-from .glip import GLIP
-from .bert import tokenize
-from .checkpoint import write_json
+from .glip.model import GLIP
+from .glip.bert import tokenize
+from .utils.checkpoint import write_json
 from .prompting import DiffPromptGenerator, freeze, seeded_noise
-from .runtime import autocast, pick_device
+from .utils.runtime import autocast, pick_device
 from .vae import MaskVAE
 
 # RefCOCO-length expressions (3-8 words): what the text encoders really see
@@ -284,7 +284,7 @@ def word_vocab(path: Path) -> Path:
 
 
 def build_models(preset: Preset, vocab: Path, device) -> dict:
-    from .text import load_tokenizer
+    from .data.text import load_tokenizer
     tokenizer = load_tokenizer(vocab)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "bert-base-uncased config not found locally; using BertConfig()"
@@ -575,13 +575,13 @@ class ImageMaskFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        from .data import load_image, rasterize_mask
+        from .data.datasets import load_image, rasterize_mask
         return {"image": load_image(self.paths[i], self.image_size),
                 "mask": rasterize_mask(self.polygon, 640, 480, self.mask_size)}
 
 
 def bench_loader(bench: Bench, preset: Preset, data, tmp: Path):
-    from .data import RefExpDataset, collate
+    from .data.datasets import RefExpDataset, collate
     n, bs = 32, 8
     if data is not None and (Path(data) / "train.json").exists():
         full = RefExpDataset(data, "train", preset.data.image_size, mask_size=preset.data.mask_size)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .text import clean_caption
+from .data.text import clean_caption
 
 
 class ConditionEncoder(nn.Module):
@@ -157,14 +157,14 @@ class LearnedConditionEncoder(ConditionEncoder):
 
     def __init__(self, folder, image_map: bool = False, scale: float = 10.0):
         super().__init__()
-        from .shipped import resolve_weights
-        from .train_clip import load_tiny_clip
+        from .pretrain.shipped import resolve_weights
+        from .pretrain.train_clip import load_tiny_clip
         self.model, self.tokenizer = load_tiny_clip(resolve_weights(folder))
         self.dim, self.image_map, self.scale = self.model.cfg.dim, image_map, scale
 
     @torch.no_grad()
     def encode(self, images01, captions):
-        from .train_clip import tokenize
+        from .pretrain.train_clip import tokenize
         device = self.model.logit_scale.device
         img, fmap = self.model.encode_image(images01.to(device, torch.float32))
         ids, mask = tokenize(self.tokenizer, captions, self.model.cfg.max_len)
@@ -180,7 +180,7 @@ def map_channels(cfg) -> int:
         return 0
     if cfg.condition == "tiny_clip":
         import json
-        from .shipped import resolve_weights
+        from .pretrain.shipped import resolve_weights
         return json.loads((resolve_weights(cfg.clip_path) / "config.json").read_text())["arch"]["map_channels"]
     return 3
 

@@ -197,6 +197,9 @@ class GLIPConfig:
 # GLIP/maskrcnn_benchmark/modeling/detector/generalized_vl_rcnn.py)
 
 
+METHODS = ("diffprompt", "vpt", "textprompt", "full", "zeroshot")
+
+
 @dataclass
 class PromptConfig:
     """Diff-Prompt tuning (and the baselines run in the same harness)."""
@@ -226,6 +229,26 @@ class PromptConfig:
     glip_weights: str = ""         # "" = RUN/glip; tiny: the shipped GLIP; paper: the official glip_a_tiny_o365.pth
     vae_weights: str = ""          # "" = RUN/vae; paper: the released Mask-VAE folder
     dit_weights: str = ""          # "" = RUN/dit; paper: the released DiT checkpoint
+
+    def check(self, glip: "GLIPConfig") -> None:
+        """Refuse settings the prompted GLIP cannot serve, before any work: a ValueError naming the fix."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method in ("full", "zeroshot"):
+            return
+        visual = self.method == "vpt" or (self.method == "diffprompt" and self.visual)
+        textual = self.method == "textprompt" or (self.method == "diffprompt" and self.textual)
+        limit = min([sum(glip.depths)] * visual + [glip.text_layers] * textual or [0])
+        if not 1 <= self.depth <= limit:
+            where = " and ".join([f"{sum(glip.depths)} Swin blocks"] * visual
+                                 + [f"{glip.text_layers} BERT layers"] * textual)
+            raise ValueError(f"--depth {self.depth}: the prompts go into one layer each, so depth must be 1..{limit} "
+                             f"({where})")
+        if self.method == "diffprompt" and (self.length < 2 or self.length % 2):
+            raise ValueError(f"--length {self.length}: Diff-Prompt splits each layer's tokens into L/2 generated and "
+                             "L/2 global ones, so length must be even and at least 2")
+        if self.length < 1:
+            raise ValueError(f"--length {self.length}: give at least one prompt token per layer")
 
     @classmethod
     def tiny(cls) -> "PromptConfig":

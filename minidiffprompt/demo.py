@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import write_json, write_text
+from .utils.checkpoint import write_json, write_text
 from .config import Preset
 
 DEMO_METHODS = ("vpt", "textprompt", "diffprompt")
@@ -31,7 +31,7 @@ LABELS = {"zeroshot": "zero-shot GLIP (frozen base)", "vpt": "VPT-deep (visual p
 
 def _data_root(data: Path) -> Path:
     """The processed synthetic set: made under data's parent when `data` is a missing `.../processed` folder."""
-    from .synthetic import ensure_synthetic
+    from .data.synthetic import ensure_synthetic
     data = Path(data)
     if (data / "train.json").exists():
         return data
@@ -79,8 +79,8 @@ def _savefig(fig, path: Path) -> None:
 
 
 def figure_data(root: Path, preset: Preset, path: Path) -> None:
-    from .data import RefExpDataset
-    from .figures import plot_samples
+    from .data.datasets import RefExpDataset
+    from .utils.figures import plot_samples
     ds = RefExpDataset(root, "val", preset.data.image_size, mask_size=preset.data.mask_size)
     _savefig(plot_samples(ds, n=6, seed=0), path)
 
@@ -88,7 +88,7 @@ def figure_data(root: Path, preset: Preset, path: Path) -> None:
 @torch.no_grad()
 def figure_vae(root: Path, preset: Preset, out: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
-    from .data import MaskDataset
+    from .data.datasets import MaskDataset
     from .vae import load_mask_vae
     vae = load_mask_vae(out / "vae").eval()
     ds = MaskDataset(root, "val", preset.data.mask_size)
@@ -110,9 +110,9 @@ def figure_ddim_masks(root: Path, preset: Preset, out: Path, path: Path, n: int 
     """Per expression: the image with its box, the true mask, and the decoded DDIM latent of every prompt layer."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-    from .data import RefExpDataset, collate
+    from .data.datasets import RefExpDataset, collate
     from .evaluate import sample_seeds
-    from .train_prompts import build_prompter
+    from .pipeline import build_prompter
     gen = build_prompter(preset, out).eval()    # preset.prompt is Diff-Prompt's here; its adapters go unused
     ds = RefExpDataset(root, "val", preset.data.image_size, mask_size=preset.data.mask_size)
     batch = collate([ds[i] for i in range(n)])
@@ -194,7 +194,7 @@ def write_report(preset: Preset, root: Path, out: Path, results: dict, timings: 
     figure_curves(out, figs / "training_curves.png")
     figure_results(table, figs / "results.png")
     (figs / "qualitative.png").write_bytes((out / "eval" / "qualitative.png").read_bytes())
-    from .train_prompts import load_glip_metrics
+    from .pipeline import load_glip_metrics
     stage = {s: json.loads((out / s / "metrics.json").read_text()) for s in ("vae", "dit")}
     stage["glip"] = load_glip_metrics(preset, out)
     prompts = {f.name: json.loads((f / "metrics.json").read_text()) for f in sorted((out / "prompts").glob("*"))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .checkpoint import CheckpointMismatch, load_strict, read_state_dict
+from .utils.checkpoint import CheckpointMismatch, load_strict, read_state_dict
 
 
 def modulate(x, shift, scale):

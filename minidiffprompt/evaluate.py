@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from .checkpoint import write_json, write_text
+from .utils.checkpoint import write_json, write_text
 from .config import Preset
 from .metrics import evaluate_boxes, results_table_markdown, write_results
-from .runtime import autocast, pick_device, progress
+from .utils.runtime import autocast, pick_device, progress
 
 SEED_STRIDE = 1_000_003  # sample seed = eval seed * stride + dataset index: distinct for every (seed, index)
 
@@ -38,7 +38,7 @@ def sample_seeds(indices, seed: int) -> list[int]:
 def predict(glip, prompter, dataset, preset: Preset, device, batch_size: int | None = None,
             desc: str = "") -> list[dict]:
     """GLIP's ranked boxes for every item: [{"boxes": (K,4) S-frame xyxy, "scores": (K,)}] in dataset order."""
-    from .data import collate
+    from .data.datasets import collate
     device = torch.device(device)
     loader = DataLoader(dataset, batch_size=batch_size or preset.eval.batch_size, shuffle=False,
                         collate_fn=collate)
@@ -86,7 +86,7 @@ def item_hits(preds: list[dict], preset: Preset) -> torch.Tensor:
 
 def expression_kinds(dataset, synthetic: bool) -> list[str]:
     """Per item of a (Subset of a) RefExpDataset: its expression kind on the synthetic set, "all" on real data."""
-    from .synthetic import expression_kind
+    from .data.synthetic import expression_kind
     base, indices = (dataset.dataset, list(dataset.indices)) if isinstance(dataset, Subset) else \
         (dataset, range(len(dataset)))
     captions = [base.records[base.items[i][0]]["sentences"][base.items[i][1]]["sent"] for i in indices]
@@ -109,7 +109,7 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 def split_dataset(data: Path, split: str, preset: Preset, max_items: int = 0, masks: bool = False):
     """The split's expressions (the first `max_items`); with `masks`, each item carries its object's true mask."""
-    from .data import RefExpDataset
+    from .data.datasets import RefExpDataset
     dataset = RefExpDataset(data, split, preset.data.image_size, mask_size=preset.data.mask_size if masks else None)
     if max_items and max_items < len(dataset):
         dataset = Subset(dataset, range(max_items))
@@ -165,7 +165,7 @@ def qualitative_figure(samples: dict, dataset, preset: Preset, path: Path, n: in
 
 def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     """Evaluate zero-shot GLIP and every finished method in RUN/prompts; returns {method: {split: metrics}}."""
-    from .train_prompts import load_glip, load_trained
+    from .pipeline import load_glip, load_trained
     from .prompting import freeze
     device = pick_device(getattr(preset, "device", "auto"))
     ev = preset.eval

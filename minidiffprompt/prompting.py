@@ -23,7 +23,7 @@ from torch import nn
 
 from .adapters import GlobalPrompt, MaskAdapter
 from .config import PromptConfig
-from .data import glip_normalize
+from .data.datasets import glip_normalize
 from .diffusion import authors_keep_policy
 from .dit import guided
 

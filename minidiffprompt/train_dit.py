@@ -26,14 +26,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .checkpoint import load_training, restore_training, same_but_epochs, save_training, save_weights, write_json
+from .utils.checkpoint import load_training, restore_training, same_but_epochs, save_training, save_weights, write_json
 from .conditions import ConditionEncoder, build_condition_encoder
 from .config import DiTConfig, Preset
 from .diffusion import GaussianDiffusion, get_betas
-from .distributed import (all_reduce_mean, barrier, cleanup, distributed_loader, init_distributed, is_main, rank,
+from .utils.distributed import (all_reduce_mean, barrier, cleanup, distributed_loader, init_distributed, is_main, rank,
                           set_epoch, world_size, wrap_ddp)
 from .dit import DiT, dit_arch, dit_from_config, guided, load_dit
-from .runtime import progress, seed_everything
+from .utils.runtime import progress, seed_everything
 from .vae import MaskVAE, load_mask_vae
 
 EVAL_SEED = 0      # DDIM start noise of the generation evaluation: the reported IoU is repeatable
@@ -78,7 +78,7 @@ def encode_split(root, split: str, preset: Preset, vae: MaskVAE, encoder: Condit
                  max_items: int = 0) -> dict:
     """Every (object, expression) of a split run once through the frozen encoders:
     {"mean", "std": (N, 4, h, w), "image_features", "text_features": (N, D), "mask": (N, 1, M, M), "caption"}."""
-    from .data import RefExpDataset, collate
+    from .data.datasets import RefExpDataset, collate
     dataset = RefExpDataset(root, split, preset.data.image_size, mask_size=preset.data.mask_size)
     if len(dataset) == 0:
         raise SystemExit(f"{root}: the {split!r} split has no expressions; run data_prep.py first")
@@ -203,7 +203,7 @@ def _batches(train: dict | None, data, preset: Preset, vae, encoder, device, gen
             eps = torch.randn(mean.shape, generator=generator)
             yield (mean + std * eps).to(device), img.to(device), txt.to(device)   # x0 ~ q(z | mask), fresh each step
         return
-    from .data import RefExpDataset, collate
+    from .data.datasets import RefExpDataset, collate
     dataset = RefExpDataset(data, "train", preset.data.image_size, mask_size=preset.data.mask_size)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator, drop_last=True,
                         collate_fn=collate, num_workers=preset.data.num_workers)

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from .checkpoint import load_training, restore_training, same_but_epochs, save_training, save_weights, write_json
+from .utils.checkpoint import load_training, restore_training, same_but_epochs, save_training, save_weights, write_json
 from .config import Preset, VAEConfig
-from .distributed import (all_reduce_mean, barrier, cleanup, distributed_loader, init_distributed, is_main, rank,
+from .utils.distributed import (all_reduce_mean, barrier, cleanup, distributed_loader, init_distributed, is_main, rank,
                           set_epoch, world_size, wrap_ddp)
-from .runtime import loader_kwargs, progress, seed_everything
+from .utils.runtime import loader_kwargs, progress, seed_everything
 from .vae import DiagonalGaussian, MaskVAE, diffusers_config
 
 VAL_SEED = 0   # the posterior samples of the validation pass are drawn from this seed: validation is repeatable
@@ -58,7 +58,7 @@ def mask_iou(recon, x, threshold: float = 0.5) -> torch.Tensor:
 
 def load_mask_tensors(root, split: str, mask_size: int) -> torch.Tensor:
     """All masks of a split as one (N, 1, M, M) tensor, one per referred object (`data.MaskDataset`)."""
-    from .data import MaskDataset
+    from .data.datasets import MaskDataset
     dataset = MaskDataset(root, split, mask_size)
     masks = [dataset[i]["mask"] for i in progress(range(len(dataset)), desc=f"masks {split}", leave=False)]
     if not masks:
@@ -73,7 +73,7 @@ def mask_loader(root, split: str, mask_size: int, batch_size: int, shuffle: bool
         dataset = TensorDataset(load_mask_tensors(root, split, mask_size))
         workers = 0
     else:
-        from .data import MaskDataset
+        from .data.datasets import MaskDataset
         dataset = MaskDataset(root, split, mask_size)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=False,
                       **loader_kwargs(workers, device))

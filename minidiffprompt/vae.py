@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .checkpoint import CheckpointMismatch, load_strict, read_state_dict
+from .utils.checkpoint import CheckpointMismatch, load_strict, read_state_dict
 
 # ----------------------------------------------------------------------------------------------------------------
 # Building blocks (diffusers `ResnetBlock2D`, `Downsample2D`, `Upsample2D`, `Attention` as configured here)

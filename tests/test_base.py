@@ -6,17 +6,17 @@ import random
 import pytest
 import torch
 
-from minidiffprompt.base_eval import linear_probe_r2
+from minidiffprompt.pretrain.base_eval import linear_probe_r2
 from minidiffprompt.config import get_preset
-from minidiffprompt.swin import SwinTransformer
-from minidiffprompt.synthetic import _candidates, expression_kind, scene_objects
-from minidiffprompt.train_bert import mask_tokens
-from minidiffprompt.train_glip import make_targets, phrase_prompt
+from minidiffprompt.glip.swin import SwinTransformer
+from minidiffprompt.data.synthetic import _candidates, expression_kind, scene_objects
+from minidiffprompt.pretrain.train_bert import mask_tokens
+from minidiffprompt.pretrain.train_glip import make_targets, phrase_prompt
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from minidiffprompt.synthetic import ensure_synthetic
+    from minidiffprompt.data.synthetic import ensure_synthetic
     return ensure_synthetic(tmp_path_factory.mktemp("synth"), seed=1, images=30, size=128, log=lambda *a: None)
 
 
@@ -102,8 +102,8 @@ def test_swin_absolute_position_option():
 
 
 def test_train_bert_recipe_runs_and_loads_into_glip(data, tmp_path):
-    from minidiffprompt import train_bert
-    from minidiffprompt.glip import GLIP
+    from minidiffprompt.pretrain import train_bert
+    from minidiffprompt.glip.model import GLIP
     preset = get_preset("tiny")
     preset.bert.steps, preset.bert.batch_size = 20, 16
     metrics = train_bert.main(preset, data, tmp_path)
@@ -118,7 +118,7 @@ def test_train_bert_recipe_runs_and_loads_into_glip(data, tmp_path):
 
 def test_train_glip_recipe_runs_with_phrase_prompts_and_pretrained_text(data, tmp_path):
     """The shipped GLIP's recipe (MLM BERT, phrase prompts, Swin position table) for a few steps."""
-    from minidiffprompt import train_bert, train_glip
+    from minidiffprompt.pretrain import train_bert, train_glip
     preset = get_preset("tiny")
     preset.bert.steps, preset.bert.batch_size = 5, 8
     train_bert.main(preset, data, tmp_path)
@@ -131,7 +131,7 @@ def test_train_glip_recipe_runs_with_phrase_prompts_and_pretrained_text(data, tm
 
 
 def test_eval_base_writes_the_issue_format(data, tmp_path):
-    from minidiffprompt import train_glip
+    from minidiffprompt.pretrain import train_glip
     from minidiffprompt.__main__ import main
     preset = get_preset("tiny")
     preset.glip.epochs, preset.glip.eval_max_items = 1, 2
@@ -148,7 +148,7 @@ def test_eval_base_writes_the_issue_format(data, tmp_path):
 
 
 def test_random_flips_move_boxes_with_the_pixels():
-    from minidiffprompt.train_glip import inclusive_boxes, random_flips
+    from minidiffprompt.pretrain.train_glip import inclusive_boxes, random_flips
     S, px = 32, 0.5                                        # an original image of 64 px shown at 32
     img = torch.zeros(1, 3, S, S)
     img[0, :, 4:10, 20:30] = 1.0                           # rows 4..9, columns 20..29

@@ -14,11 +14,11 @@ import torch
 from transformers import BertConfig, BertModel
 
 from minidiffprompt import bench
-from minidiffprompt.bert import PromptedBert
+from minidiffprompt.glip.bert import PromptedBert
 from minidiffprompt.config import GLIPConfig, get_preset
 from minidiffprompt.dit import DiT
-from minidiffprompt.glip import GLIP
-from minidiffprompt.swin import SwinTransformer
+from minidiffprompt.glip.model import GLIP
+from minidiffprompt.glip.swin import SwinTransformer
 from minidiffprompt.vae import MaskVAE
 
 TOL = 1e-5

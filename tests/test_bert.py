@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 
-from minidiffprompt.bert import PromptedBert, build_bert, build_tokenizer, drop_legacy_bert_keys, tokenize
-from minidiffprompt.checkpoint import keys_from_tsv, load_strict
+from minidiffprompt.glip.bert import PromptedBert, build_bert, build_tokenizer, drop_legacy_bert_keys, tokenize
+from minidiffprompt.utils.checkpoint import keys_from_tsv, load_strict
 from minidiffprompt.config import GLIPConfig
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "red", "blue", "circle", "square", "left", "right",

@@ -122,10 +122,10 @@ def test_tiny_encoder_image_map():
 def test_learned_encoder_recipe_and_its_features(tmp_path):
     """train-clip runs a few steps; the encoder built from its folder gives a layer-normalised map of the DiT's
     grid (image_map) or a global feature, and a caption feature of norm 10 that depends on the words."""
-    from minidiffprompt import train_clip
+    from minidiffprompt.pretrain import train_clip
     from minidiffprompt.config import get_preset
     from minidiffprompt.dit import dit_arch
-    from minidiffprompt.synthetic import ensure_synthetic
+    from minidiffprompt.data.synthetic import ensure_synthetic
     data = ensure_synthetic(tmp_path / "synth", seed=1, images=30, log=lambda *a: None)
     preset = get_preset("tiny")
     preset.clip.steps, preset.clip.batch_size = 3, 8

@@ -4,10 +4,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from minidiffprompt.data import (DetectionDataset, MaskDataset, RefExpDataset, clip_normalize, collate,
+from minidiffprompt.data.datasets import (DetectionDataset, MaskDataset, RefExpDataset, clip_normalize, collate,
                                  glip_normalize, load_image, load_records, make_loader, rasterize_mask, scale_box)
-from minidiffprompt.synthetic import ensure_synthetic
-from minidiffprompt.text import load_tokenizer, positive_map
+from minidiffprompt.data.synthetic import ensure_synthetic
+from minidiffprompt.data.text import load_tokenizer, positive_map
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_collate_and_loader(root):
 def test_plot_samples(root):
     import matplotlib
     matplotlib.use("Agg")
-    from minidiffprompt.figures import mark_spans, plot_samples
+    from minidiffprompt.utils.figures import mark_spans, plot_samples
     assert mark_spans("the small red circle", [[4, 20]]) == "the [small red circle]"
     fig = plot_samples(RefExpDataset(root, "val", 64, 32), n=4, cols=2)
     titles = [a.get_title() for a in fig.axes if a.get_title()]

@@ -13,8 +13,8 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
-from minidiffprompt import distributed as D
-from minidiffprompt.checkpoint import read_state_dict
+from minidiffprompt.utils import distributed as D
+from minidiffprompt.utils.checkpoint import read_state_dict
 from minidiffprompt.train_vae import vae_loss
 from minidiffprompt.vae import MaskVAE
 
@@ -102,7 +102,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, mo
 DRIVER = """
 import json, os, sys
 import torch
-from minidiffprompt import distributed, train_vae
+from minidiffprompt import train_vae
+from minidiffprompt.utils import distributed
 from minidiffprompt.config import get_preset
 from minidiffprompt.vae import DiagonalGaussian
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minidiffprompt.checkpoint import CheckpointMismatch, keys_from_tsv, save_weights
+from minidiffprompt.utils.checkpoint import CheckpointMismatch, keys_from_tsv, save_weights
 from minidiffprompt.dit import DiT, DiT_My_2, TimestepEmbedder, guided, load_dit
 
 KEYS = Path(__file__).resolve().parent / "fixtures" / "mask_dit.tsv"     # the authors' DiT-My/2 keys and shapes

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minidiffprompt.dyhead import DyConv, DyReLU, ModulatedDeformConv, hsigmoid
+from minidiffprompt.glip.dyhead import DyConv, DyReLU, ModulatedDeformConv, hsigmoid
 
 
 def bilinear_zero_pad(img, y, x):

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from minidiffprompt.checkpoint import CheckpointMismatch, keys_from_tsv, save_weights
+from minidiffprompt.utils.checkpoint import CheckpointMismatch, keys_from_tsv, save_weights
 from minidiffprompt.config import GLIPConfig
-from minidiffprompt.glip import GLIP, count_parameters, load_glip_checkpoint
-from minidiffprompt.text import load_tokenizer
+from minidiffprompt.glip.model import GLIP, count_parameters, load_glip_checkpoint
+from minidiffprompt.data.text import load_tokenizer
 
 KEYS = Path(__file__).parent / "fixtures" / "glip_a_tiny_o365.tsv"
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "red", "blue", "circle", "square", "left", "of",

@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minidiffprompt.atss import atss_targets, centerness_target, grounding_losses, loss_normalizers
+from minidiffprompt.glip.atss import atss_targets, centerness_target, grounding_losses, loss_normalizers
 from minidiffprompt.config import get_preset
-from minidiffprompt.data import scale_box
-from minidiffprompt.glip import GLIP
-from minidiffprompt.shipped import shipped
-from minidiffprompt.train_glip import inclusive_boxes
+from minidiffprompt.data.datasets import scale_box
+from minidiffprompt.glip.model import GLIP
+from minidiffprompt.pretrain.shipped import shipped
+from minidiffprompt.pretrain.train_glip import inclusive_boxes
 
 S = 96
 INF = 100000000   # the official code's -INF marker for "no GT"

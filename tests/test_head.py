@@ -7,8 +7,8 @@ import pytest
 import torch
 from torchvision.ops import generalized_box_iou
 
-from minidiffprompt.atss import atss_assign, box_iou_inclusive, centerness_target, giou_loss, grounding_losses
-from minidiffprompt.head import AnchorGenerator, BoxCoder, GroundingHead, decode_detections
+from minidiffprompt.glip.atss import atss_assign, box_iou_inclusive, centerness_target, giou_loss, grounding_losses
+from minidiffprompt.glip.head import AnchorGenerator, BoxCoder, GroundingHead, decode_detections
 
 # ---------------------------------------------------------------------------------------------------------------
 # anchors and box coder
@@ -223,7 +223,7 @@ def _greedy_nms_inclusive(boxes, scores, threshold):
 
 
 def test_nms_follows_glips_gpu_rule():
-    from minidiffprompt.head import box_nms
+    from minidiffprompt.glip.head import box_nms
     # two 10×10-pixel boxes two pixels apart: IoU 0.636 continuous, 0.667 with inclusive pixels
     a = torch.tensor([[0.0, 0, 9, 9], [2, 0, 11, 9]])
     s = torch.tensor([0.9, 0.8])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from minidiffprompt.checkpoint import keys_from_tsv
+from minidiffprompt.utils.checkpoint import keys_from_tsv
 from minidiffprompt.conditions import TinyConditionEncoder
 from minidiffprompt.config import PromptConfig
 from minidiffprompt.diffusion import GaussianDiffusion, get_betas
@@ -121,7 +121,7 @@ def test_learnable_prompt_baselines():
 
 
 def test_condition_encoder_input_train_or_authors_glip_tensor():
-    from minidiffprompt.data import glip_normalize
+    from minidiffprompt.data.datasets import glip_normalize
     seen = []
     for clip_input in ("train", "glip"):
         gen = tiny_generator(depth=1, clip_input=clip_input).eval()

@@ -6,9 +6,9 @@ import pickle
 import pytest
 from PIL import Image
 
-from minidiffprompt.refcoco import DataError, basic_words, convert_refcoco, load_refs
-from minidiffprompt.synthetic import generate
-from minidiffprompt.text import load_tokenizer, positive_map
+from minidiffprompt.data.refcoco import DataError, basic_words, convert_refcoco, load_refs
+from minidiffprompt.data.synthetic import generate
+from minidiffprompt.data.text import load_tokenizer, positive_map
 
 quiet = dict(log=lambda *a: None)
 

@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from minidiffprompt.checkpoint import CheckpointMismatch
-from minidiffprompt.shipped import ROOT, resolve_weights, shipped, verify
+from minidiffprompt.utils.checkpoint import CheckpointMismatch
+from minidiffprompt.pretrain.shipped import ROOT, resolve_weights, shipped, verify
 
 NAMES = sorted(p.name for p in ROOT.iterdir() if p.is_dir())
 
@@ -45,26 +45,26 @@ def test_an_altered_shipped_file_is_refused_by_name(tmp_path, damage):
 
 def test_shipped_weights_load_strictly():
     from transformers import BertModel
-    from minidiffprompt.bert import build_bert
+    from minidiffprompt.glip.bert import build_bert
     from minidiffprompt.config import get_preset
-    from minidiffprompt.glip import load_glip_checkpoint
-    from minidiffprompt.train_bert import load_text_weights
+    from minidiffprompt.glip.model import load_glip_checkpoint
+    from minidiffprompt.pretrain.train_bert import load_text_weights
     cfg = get_preset("tiny").glip
     bert: BertModel = build_bert(cfg, ROOT / "tiny_bert" / "vocab.txt")
     load_text_weights(bert, shipped("tiny_bert"))                     # load_strict inside
     glip = load_glip_checkpoint(shipped("tiny_glip"))                  # load_strict inside
     assert glip.cfg.swin_ape == cfg.swin_ape and not glip.cfg.text_model
     if "tiny_clip" in NAMES:
-        from minidiffprompt.train_clip import load_tiny_clip
+        from minidiffprompt.pretrain.train_clip import load_tiny_clip
         load_tiny_clip(shipped("tiny_clip"))
 
 
 def test_shipped_glip_reaches_its_recorded_detection_recall(tmp_path):
     """Re-measure the held-out detection R@1 on the default synthetic set (the one it was evaluated on)."""
     from minidiffprompt.config import get_preset
-    from minidiffprompt.glip import load_glip_checkpoint
-    from minidiffprompt.synthetic import ensure_synthetic
-    from minidiffprompt.train_glip import detection_recall, holdout_indices, load_detection
+    from minidiffprompt.glip.model import load_glip_checkpoint
+    from minidiffprompt.data.synthetic import ensure_synthetic
+    from minidiffprompt.pretrain.train_glip import detection_recall, holdout_indices, load_detection
     torch.set_num_threads(1)
     preset = get_preset("tiny")
     data = ensure_synthetic(tmp_path / "synthref", log=lambda *a: None)   # seed 0, 1200 images: the default set

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minidiffprompt.checkpoint import keys_from_tsv
-from minidiffprompt.fpn import FPN, DropBlock2D
-from minidiffprompt.swin import (PatchMerging, SwinBlock, SwinTransformer, merge_2x2, relative_position_index,
+from minidiffprompt.utils.checkpoint import keys_from_tsv
+from minidiffprompt.glip.fpn import FPN, DropBlock2D
+from minidiffprompt.glip.swin import (PatchMerging, SwinBlock, SwinTransformer, merge_2x2, relative_position_index,
                                  shift_window_mask)
 
 

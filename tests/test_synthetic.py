@@ -5,10 +5,10 @@ import re
 
 import pytest
 
-from minidiffprompt.refcoco import load_refs
-from minidiffprompt.synthetic import (CATEGORIES, COLOURS, SIZES, _candidates, ensure_synthetic, generate,
+from minidiffprompt.data.refcoco import load_refs
+from minidiffprompt.data.synthetic import (CATEGORIES, COLOURS, SIZES, _candidates, ensure_synthetic, generate,
                                      scene_objects)
-from minidiffprompt.text import load_tokenizer
+from minidiffprompt.data.text import load_tokenizer
 
 N, SIZE = 60, 96
 GROUP = {name: group for _, name, group in CATEGORIES}

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from minidiffprompt.text import clean_caption, load_tokenizer, positive_map
+from minidiffprompt.data.text import clean_caption, load_tokenizer, positive_map
 
 WORDS = ["the", "small", "red", "circle", "left", "of", "man", "in", "shirt", "on", "bottom", "skate", "##board",
          "##er", "##s", "cafe", "."]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minidiffprompt import train_dit
-from minidiffprompt.checkpoint import save_weights
+from minidiffprompt.utils.checkpoint import save_weights
 from minidiffprompt.config import get_preset
 from minidiffprompt.diffusion import GaussianDiffusion, get_betas
 from minidiffprompt.dit import load_dit
@@ -16,7 +16,7 @@ from minidiffprompt.vae import diffusers_config
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from minidiffprompt.synthetic import ensure_synthetic
+    from minidiffprompt.data.synthetic import ensure_synthetic
     return ensure_synthetic(tmp_path_factory.mktemp("synth"), seed=1, images=30, size=128, log=lambda *a: None)
 
 

@@ -8,10 +8,10 @@ import torch
 
 from minidiffprompt.conditions import TinyConditionEncoder
 from minidiffprompt.config import GLIPConfig, PromptConfig
-from minidiffprompt.data import glip_normalize
+from minidiffprompt.data.datasets import glip_normalize
 from minidiffprompt.diffusion import GaussianDiffusion, get_betas
 from minidiffprompt.dit import DiT
-from minidiffprompt.glip import GLIP
+from minidiffprompt.glip.model import GLIP
 from minidiffprompt.prompting import DiffPromptGenerator, count_trainable
 from minidiffprompt.train_prompts import prompt_loss
 from minidiffprompt.vae import MaskVAE
@@ -64,10 +64,10 @@ def make_run(tmp_path):
     """A run folder with randomly initialised vae/, dit/ and glip/ stages, and a small synthetic data root."""
     import json
     import shutil
-    from minidiffprompt.checkpoint import save_weights
+    from minidiffprompt.utils.checkpoint import save_weights
     from minidiffprompt.config import get_preset
     from minidiffprompt.dit import dit_from_config
-    from minidiffprompt.synthetic import ensure_synthetic
+    from minidiffprompt.data.synthetic import ensure_synthetic
     from minidiffprompt.vae import diffusers_config
     from minidiffprompt.train_vae import build_vae
     data = ensure_synthetic(tmp_path / "synth", images=30, log=lambda *a: None)
@@ -92,13 +92,13 @@ def make_run(tmp_path):
 
 
 def test_tiny_harness_trains_resumes_and_evaluates_reproducibly(tmp_path, monkeypatch):
-    from minidiffprompt import evaluate, train_prompts
+    from minidiffprompt import evaluate, pipeline, train_prompts
     monkeypatch.setenv("MDP_QUIET", "1")
     preset, data, out = make_run(tmp_path)
     metrics = train_prompts.main(preset, data, out)
     folder = out / "prompts" / "diffprompt"
     assert len(metrics["step_losses"]) == 2 and all(l == l for l in metrics["step_losses"])   # finite
-    assert metrics["trainable_parameters"] == count_trainable(train_prompts.build_prompter(preset, out))
+    assert metrics["trainable_parameters"] == count_trainable(pipeline.build_prompter(preset, out))
     assert all((folder / f).exists() for f in ("checkpoint.pt", "model.safetensors", "config.json", "metrics.json"))
     assert train_prompts.main(preset, data, out) == metrics                       # finished: reused, not retrained
     preset.prompt.method = "vpt"
@@ -122,11 +122,11 @@ def test_tiny_harness_trains_resumes_and_evaluates_reproducibly(tmp_path, monkey
 def test_trained_text_prompts_change_the_token_features_and_the_scores(tmp_path):
     """A few steps of the deep text-prompt baseline on the shipped GLIP move the prompts, the caption's token
     features and the region-token scores away from zero-shot's (the baseline is not a no-op)."""
-    from minidiffprompt.data import RefExpDataset, collate
-    from minidiffprompt.glip import load_glip_checkpoint
+    from minidiffprompt.data.datasets import RefExpDataset, collate
+    from minidiffprompt.glip.model import load_glip_checkpoint
     from minidiffprompt.prompting import LearnablePrompts, freeze
-    from minidiffprompt.shipped import shipped
-    from minidiffprompt.synthetic import ensure_synthetic
+    from minidiffprompt.pretrain.shipped import shipped
+    from minidiffprompt.data.synthetic import ensure_synthetic
     torch.manual_seed(0)
     data = ensure_synthetic(tmp_path / "synth", images=30, log=lambda *a: None)
     glip = freeze(load_glip_checkpoint(shipped("tiny_glip")))
@@ -159,7 +159,7 @@ def test_accumulated_micro_batches_give_the_whole_batchs_gradient():
     batch's. Full fine-tuning of a random tiny GLIP on non-square originals; dropout off so both runs see the same
     network."""
     from minidiffprompt.config import get_preset
-    from minidiffprompt.shipped import shipped
+    from minidiffprompt.pretrain.shipped import shipped
     from minidiffprompt.train_prompts import chunks, step_normalizers
     torch.manual_seed(0)
     glip = GLIP(get_preset("tiny").glip, vocab_file=shipped("tiny_glip") / "vocab.txt").eval()

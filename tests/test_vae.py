@@ -8,7 +8,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from minidiffprompt import train_vae
-from minidiffprompt.checkpoint import CheckpointMismatch, keys_from_tsv, load_strict, save_weights
+from minidiffprompt.utils.checkpoint import CheckpointMismatch, keys_from_tsv, load_strict, save_weights
 from minidiffprompt.config import get_preset
 from minidiffprompt.vae import DiagonalGaussian, MaskVAE, diffusers_config, load_mask_vae
 
@@ -264,7 +264,7 @@ def test_main_writes_the_run_resumes_and_reuses(tmp_path, monkeypatch):
 
 
 def test_masks_of_the_synthetic_set(tmp_path):
-    from minidiffprompt.synthetic import ensure_synthetic
+    from minidiffprompt.data.synthetic import ensure_synthetic
     root = ensure_synthetic(tmp_path / "synth", seed=1, images=30, size=128, log=lambda *a: None)
     masks = train_vae.load_mask_tensors(root, "val", 64)
     assert masks.ndim == 4 and masks.shape[1:] == (1, 64, 64) and len(masks) > 0

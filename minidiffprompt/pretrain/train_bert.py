@@ -22,16 +22,16 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM
 
-from .checkpoint import finished_run, write_run
-from .config import Preset
-from .data import load_records
-from .runtime import command_line, progress, seed_everything
-from .text import load_tokenizer
+from ..utils.checkpoint import finished_run, write_run
+from ..config import Preset
+from ..data.datasets import load_records
+from ..utils.runtime import command_line, progress, seed_everything
+from ..data.text import load_tokenizer
 
 
 def corpus(data: Path, rng: random.Random, prompts_per_image: int = 4) -> list[str]:
     """The train expressions and `prompts_per_image` phrase prompts per detection image (train images only)."""
-    from .data import DetectionDataset
+    from ..data.datasets import DetectionDataset
     from .train_glip import make_targets
     texts = [s["sent"] for r in load_records(data, "train") for s in r["sentences"]]
     det = DetectionDataset(data, image_size=1)
@@ -132,8 +132,8 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
 
 def load_text_weights(bert, folder: Path) -> None:
     """Load a `train-bert` folder's weights into a BertModel (the GLIP's `language_backbone.body.model`)."""
-    from .checkpoint import load_strict, read_state_dict
-    from .bert import drop_legacy_bert_keys
+    from ..utils.checkpoint import load_strict, read_state_dict
+    from ..glip.bert import drop_legacy_bert_keys
     state, _ = drop_legacy_bert_keys(read_state_dict(Path(folder) / "model.safetensors"), prefix="")
     load_strict(bert, state, source=str(Path(folder) / "model.safetensors"))
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou, sigmoid_focal_loss
 
-from .distributed import all_reduce_sum, world_size
+from ..utils.distributed import all_reduce_sum, world_size
 from .head import BoxCoder
 
 

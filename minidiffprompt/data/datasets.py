@@ -189,7 +189,7 @@ def collate(batch: list[dict]) -> dict:
 def make_loader(dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0, device="cpu",
                 seed: int = 0, drop_last: bool = False) -> DataLoader:
     """DataLoader with `collate`, a seeded shuffle, pinned memory on GPU and persistent workers."""
-    from .runtime import loader_kwargs
+    from ..utils.runtime import loader_kwargs
 
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, collate_fn=collate,
                       generator=torch.Generator().manual_seed(seed) if shuffle else None,

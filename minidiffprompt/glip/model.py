@@ -21,13 +21,13 @@ from torch import nn
 
 from .atss import grounding_losses, loss_normalizers
 from .bert import PromptedBert, build_bert, build_tokenizer, drop_legacy_bert_keys, tokenize
-from .checkpoint import CheckpointMismatch, load_strict, read_state_dict
-from .config import GLIPConfig
-from .data import glip_normalize
+from ..utils.checkpoint import CheckpointMismatch, load_strict, read_state_dict
+from ..config import GLIPConfig
+from ..data.datasets import glip_normalize
 from .fpn import FPN
 from .head import AnchorGenerator, BoxCoder, GroundingHead, decode_detections
 from .swin import SwinTransformer
-from .text import load_tokenizer, positive_map
+from ..data.text import load_tokenizer, positive_map
 
 
 class GroundingRPN(nn.Module):

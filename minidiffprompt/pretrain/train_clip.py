@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import finished_run, write_run
-from .config import Preset
-from .runtime import command_line, progress, seed_everything
-from .text import clean_caption, load_tokenizer
+from ..utils.checkpoint import finished_run, write_run
+from ..config import Preset
+from ..utils.runtime import command_line, progress, seed_everything
+from ..data.text import clean_caption, load_tokenizer
 
 
 @dataclasses.dataclass
@@ -93,7 +93,7 @@ def tokenize(tok, captions: list[str], max_len: int):
 
 def load_tiny_clip(folder: Path) -> tuple[TinyCLIP, object]:
     """(model, tokenizer) of a `train-clip` folder, loaded strictly, in eval mode."""
-    from .checkpoint import load_strict, read_state_dict
+    from ..utils.checkpoint import load_strict, read_state_dict
     folder = Path(folder)
     cfg = TinyCLIPConfig(**json.loads((folder / "config.json").read_text())["arch"])
     model = TinyCLIP(cfg)
@@ -103,7 +103,7 @@ def load_tiny_clip(folder: Path) -> tuple[TinyCLIP, object]:
 
 def _pairs(data: Path, split: str, image_size: int):
     """(images (N, 3, S, S) of the split's distinct images, per image its expressions)."""
-    from .data import load_image, load_records
+    from ..data.datasets import load_image, load_records
     by_image: dict[str, list[str]] = {}
     for r in load_records(data, split):
         by_image.setdefault(r["image"], []).extend(s["sent"] for s in r["sentences"])

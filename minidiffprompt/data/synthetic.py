@@ -356,19 +356,32 @@ def ensure_synthetic(dir: str | Path = "data/synthref", seed: int = 0, images: i
                      force: bool = False, log=print) -> Path:
     """Return `dir/processed` (the data root), generating and converting the synthetic set first if missing.
 
-    An existing processed folder is reused as is (delete it, or pass force=True, to regenerate).
+    `dir/synthetic.json` records the settings that made the set. An existing set made with the same settings is
+    reused; one made with others is an error naming them (pass force=True, `--force`, to regenerate it). A
+    folder holding other files than a synthetic set is never overwritten.
     """
-    from .refcoco import convert_refcoco, is_complete
+    from .refcoco import DataError, convert_refcoco, is_complete
 
     dir = Path(dir)
-    processed = dir / "processed"
+    processed, record = dir / "processed", dir / "synthetic.json"
+    settings = {"seed": seed, "images": images, "size": size}
+    made = json.loads(record.read_text()) if record.exists() else None
     if is_complete(processed) and not force:
+        if made is not None and made != settings:
+            diff = ", ".join(f"{k} {made.get(k)} (asked {v})" for k, v in settings.items() if made.get(k) != v)
+            raise DataError(f"{dir} holds a synthetic set made with other settings: {diff}; pass --force to "
+                            "regenerate it, or choose another --out")
         return processed
-    if force and dir.exists():
-        for sub in ("refcoco", "train2014", "mdetr_annotations", "processed"):
-            shutil.rmtree(dir / sub, ignore_errors=True)
+    ours = {"refcoco", "train2014", "mdetr_annotations", "processed", "synthetic.json"}
+    foreign = sorted(p.name for p in dir.iterdir() if p.name not in ours) if dir.is_dir() else []
+    if made is None and foreign:
+        raise DataError(f"{dir} holds other files ({', '.join(foreign[:5])}); the synthetic set goes into a new or "
+                        "empty folder, or one it made before")
+    for sub in ("refcoco", "train2014", "mdetr_annotations", "processed"):
+        shutil.rmtree(dir / sub, ignore_errors=True)
     counts = generate(dir, seed=seed, images=images, size=size)
     log(f"synthetic RefCOCO: {counts['images']} images, {counts['objects']} objects, {counts['refs']} refs, "
         f"{counts['sentences']} expressions → {dir}")
     convert_refcoco(dir / "refcoco", dir / "train2014", processed, mdetr_dir=dir / "mdetr_annotations", log=log)
+    record.write_text(json.dumps(settings) + "\n")
     return processed

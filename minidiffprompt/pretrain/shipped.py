@@ -17,9 +17,9 @@ import json
 import shutil
 from pathlib import Path
 
-from .checkpoint import CheckpointMismatch, write_json
+from ..utils.checkpoint import CheckpointMismatch, write_json
 
-ROOT = Path(__file__).parent / "pretrained"
+ROOT = Path(__file__).parent.parent / "pretrained"
 PREFIX = "shipped:"
 FILES = ("model.safetensors", "config.json", "vocab.txt")   # what a shipped folder may hold besides metrics.json
 

@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import finished_run, load_training, restore_training, save_training, write_run
-from .config import Preset
-from .data import DetectionDataset, RefExpDataset, collate
-from .distributed import all_reduce_mean, barrier, cleanup, init_distributed, is_main, rank, world_size, wrap_ddp
-from .glip import GLIP, count_parameters
-from .metrics import evaluate_boxes, recall_at_k
-from .runtime import command_line, progress, seed_everything
+from ..utils.checkpoint import finished_run, load_training, restore_training, save_training, write_run
+from ..config import Preset
+from ..data.datasets import DetectionDataset, RefExpDataset, collate
+from ..utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed, is_main, rank, world_size, wrap_ddp
+from ..glip.model import GLIP, count_parameters
+from ..metrics import evaluate_boxes, recall_at_k
+from ..utils.runtime import command_line, progress, seed_everything
 from .shipped import resolve_weights
 from .train_bert import load_text_weights
 

@@ -112,7 +112,7 @@ def build_bert(cfg, vocab_file=None, pretrained: bool = False) -> BertModel:
 
 def build_tokenizer(cfg, vocab_file=None):
     """The uncased WordPiece tokenizer matching `build_bert(cfg, vocab_file)` (never downloads)."""
-    from .text import load_tokenizer
+    from ..data.text import load_tokenizer
     return load_tokenizer(cfg.text_model if cfg.text_model else _vocab_path(cfg, vocab_file))
 
 

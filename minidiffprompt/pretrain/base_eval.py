@@ -22,15 +22,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import write_json
-from .config import Preset
-from .data import glip_normalize
+from ..utils.checkpoint import write_json
+from ..config import Preset
+from ..data.datasets import glip_normalize
 
 
 def referring_by_kind(model, data: Path, split: str, preset: Preset, device) -> dict:
     """Zero-shot R@1 in percent per expression kind and "all", and the count per kind, through the same
     prediction and scoring as `evaluate` (no prompts)."""
-    from .evaluate import by_kind, expression_kinds, item_hits, predict, split_dataset
+    from ..evaluate import by_kind, expression_kinds, item_hits, predict, split_dataset
     dataset = split_dataset(data, split, preset)
     hits = item_hits(predict(model, None, dataset, preset, device, desc=f"zero-shot {split}"), preset)
     kinds = expression_kinds(dataset, synthetic=preset.name == "tiny")
@@ -44,7 +44,7 @@ def region_features(model, images01: torch.Tensor, boxes: list[torch.Tensor], ba
     The features are what the head dots with the token features (`head.GroundingHead`): the DyHead output, level
     by level, flattened in the head's order; ATSS picks the positives exactly as in training (`atss.atss_assign`).
     """
-    from .atss import atss_assign
+    from ..glip.atss import atss_assign
     model.eval()
     S = images01.shape[-1]
     feats_out, centres, owner = [], [], []
@@ -91,17 +91,17 @@ def position_probe(model, images01: torch.Tensor, boxes: list[torch.Tensor]) -> 
 
 def main(preset: Preset, data: Path, out: Path, probe: bool = False) -> dict:
     """Evaluate the base GLIP of `preset` (its --glip_weights, the shipped one by default) and write `out`."""
-    from .runtime import pick_device
+    from ..utils.runtime import pick_device
     from .train_glip import detection_recall, holdout_indices, load_detection
-    from .train_prompts import load_glip
+    from ..pipeline import load_glip
     t0 = time.time()
     device = pick_device(getattr(preset, "device", "auto"))
     S = preset.data.image_size
     images, targets, categories, _ = load_detection(Path(data), S)
     _, hold = holdout_indices(len(images), preset.glip.holdout_fraction)
     if preset.prompt.glip_weights == "random":     # the architecture alone: only the probe means anything
-        from .glip import GLIP
-        from .runtime import seed_everything
+        from ..glip.model import GLIP
+        from ..utils.runtime import seed_everything
         seed_everything(preset.glip.seed)
         model = GLIP(preset.glip, vocab_file=Path(data) / "vocab.txt").eval()
         result = {"position_R2": position_probe(model, images[hold], [targets[i][0] for i in hold]),

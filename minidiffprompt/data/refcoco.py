@@ -208,6 +208,7 @@ def convert_refcoco(refer_dir, coco_images, out, mdetr_dir=None, max_bad_fractio
     check_images: "open" (header check, default), "full" (decode every image) or "none" (trust the files).
     """
     refer_dir, coco_images, out = Path(refer_dir), Path(coco_images), Path(out)
+    check_output(out, [refer_dir, coco_images, mdetr_dir])
     for f in ("refs(unc).p", "instances.json"):
         if not (refer_dir / f).exists():
             raise DataError(f"{refer_dir / f} not found: --refer-dir must hold the refer toolkit's refs(unc).p "
@@ -271,7 +272,8 @@ def convert_refcoco(refer_dir, coco_images, out, mdetr_dir=None, max_bad_fractio
         "detection.json": {"categories": cat_names, "images": det_images},
         "vocab.txt": "\n".join(build_vocab(texts)) + "\n",
         "summary.json": summary,
-    })
+    }, made_by={"command": "convert_refcoco", "refer_dir": str(refer_dir), "coco_images": str(coco_images),
+                "mdetr_dir": str(mdetr_dir) if mdetr_dir else None, "format": FORMAT_VERSION})
     for s in SPLITS:
         log(f"{s:>6}: {summary['splits'][s]['refs']:6d} refs {summary['splits'][s]['sentences']:7d} expressions")
     log(f"positive spans: {n_sent['mdetr']} from MDETR, {n_sent['whole']} whole expression → {out}")
@@ -324,13 +326,49 @@ def _convert_one(ref, images, anns, cats, coco_images, out, check_images, image_
                   "sentences": sents}
 
 
-def _write_atomic(out: Path, files: dict) -> None:
-    """Write all files into a sibling staging folder, then swap it in: readers see the old folder or the new."""
+MARKER = "made_by.json"   # in every data root this package writes: what made it; only such a folder is replaced
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_output(out: Path, inputs: list) -> None:
+    """Refuse an output folder that could destroy data: one that is, contains or lies inside an input folder, or an
+    existing non-empty folder that this package did not write (no `made_by.json`)."""
+    target = Path(out).resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        src = Path(given).resolve()
+        if target == src or target.is_relative_to(src) or src.is_relative_to(target):
+            raise DataError(f"--out {out} is, contains or lies inside the input folder {given}; converting there "
+                            "could overwrite the inputs. Choose a separate folder, e.g. --out data/refcoco_processed")
+    if target.is_file():
+        raise DataError(f"--out {out} is a file; give a folder")
+    if target.is_dir() and any(target.iterdir()) and not (target / MARKER).exists():
+        raise DataError(f"--out {out} already holds files that data_prep did not write (no {MARKER}); it only "
+                        "replaces its own output. Choose a new or empty folder, or remove this one yourself")
+
+
+def _write_atomic(out: Path, files: dict, made_by: dict) -> None:
+    """Write all files and the marker into a sibling staging folder, then swap it in: readers see the old folder or
+    the new. Staging folders left by a killed run (their process is gone) are removed first."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    for left in [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        pid = left.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and _pid_alive(int(pid))):
+            shutil.rmtree(left, ignore_errors=True)
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
-    for name, content in files.items():
+    for name, content in {**files, MARKER: made_by}.items():
         text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
         (stage / name).write_text(text, encoding="utf-8")
     old = out.parent / f".{out.name}.old-{os.getpid()}"

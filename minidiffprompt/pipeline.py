@@ -1,0 +1,121 @@
+"""A run folder's parts, assembled for stage 3 and its evaluation: the frozen GLIP (RUN/glip, `--glip_weights` or a
+shipped one), the frozen stage-1/2 generator parts, the prompt module of each method, and a finished stage-3 run
+loaded back. `train_prompts` (training) and `evaluate` both build on these.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from . import train_dit
+from .config import METHODS, Preset, PromptConfig
+from .prompting import DiffPromptGenerator, LearnablePrompts, freeze
+from .utils.checkpoint import load_strict, read_state_dict
+
+def method_dir(out: Path, cfg: PromptConfig) -> Path:
+    return Path(out) / "prompts" / (cfg.method + (f"-{cfg.tag}" if cfg.tag else ""))
+
+
+def run_config(preset: Preset, cfg: PromptConfig) -> dict:
+    """What a finished run must match to be reused: the stage-3 settings, the input sizes and, for Diff-Prompt, the
+    generator's configuration."""
+    config = {"prompt": dataclasses.asdict(cfg), "image_size": preset.data.image_size,
+              "mask_size": preset.data.mask_size, "preset": preset.name}
+    if cfg.method == "diffprompt" and cfg.generated:
+        config["dit"] = train_dit.run_config(preset)["dit"]   # the one stage 2 itself records
+    return config
+
+
+def _stage_path(given: str, out: Path, stage: str, what: str) -> Path:
+    from .pretrain.shipped import resolve_weights
+    path = resolve_weights(given) if given else Path(out) / stage     # "shipped:NAME": a part the package ships
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no {what} found. Train it first (python -m minidiffprompt "
+                                f"train-{stage} --out {out}) or pass --{stage}_weights PATH.")
+    return path
+
+
+def load_glip(preset: Preset, out: Path):
+    """The base detector: --glip_weights (tiny: the shipped one; paper: the official checkpoint), else RUN/glip."""
+    from .glip.model import load_glip_checkpoint
+    path = _stage_path(preset.prompt.glip_weights, out, "glip", "GLIP checkpoint")
+    return load_glip_checkpoint(path, preset.glip)
+
+
+def load_glip_metrics(preset: Preset, out: Path) -> dict:
+    """The base GLIP's recorded metrics.json ({} for a checkpoint file such as the official one)."""
+    path = _stage_path(preset.prompt.glip_weights, out, "glip", "GLIP checkpoint") / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def load_generator_parts(preset: Preset, out: Path):
+    """Frozen stage-1/2 models for Diff-Prompt: Mask-VAE, DiT, the sampling diffusion, the condition encoder."""
+    from .conditions import build_condition_encoder
+    from .diffusion import GaussianDiffusion, get_betas
+    from .dit import dit_arch, load_dit
+    from .vae import load_mask_vae
+    cfg = preset.prompt
+    vae = load_mask_vae(_stage_path(cfg.vae_weights, out, "vae", "Mask-VAE"))
+    dit_path = _stage_path(cfg.dit_weights, out, "dit", "DiT")
+    d = preset.dit
+    dit = load_dit(dit_path, **dit_arch(d))
+    # "train": sample with the schedule the DiT was trained on; "squaredcos_cap_v2": the authors' stage-3 sampler,
+    # although their DiT-main/train.py trained the DiT on the default linear schedule (a train/sample mismatch)
+    schedule = d.noise_schedule if cfg.sampling_schedule == "train" else cfg.sampling_schedule
+    diffusion = GaussianDiffusion(get_betas(schedule, d.diffusion_steps))
+    condition = build_condition_encoder(d)
+    return vae, dit, diffusion, condition
+
+
+def build_prompter(preset: Preset, out: Path, cfg: PromptConfig | None = None):
+    """The trainable prompt module of `cfg.method` (None for `full` and `zeroshot`)."""
+    cfg = cfg or preset.prompt
+    g = preset.glip
+    if cfg.method == "diffprompt":
+        sampled = cfg.generated and not cfg.oracle_masks
+        parts = load_generator_parts(preset, out) if sampled else (None, None, None, None)
+        return DiffPromptGenerator(*parts, cfg, vision_dim=g.embed_dim, text_dim=g.text_hidden,
+                                   mask_size=preset.data.mask_size, guidance=preset.dit.guidance)
+    if cfg.method == "vpt":
+        return LearnablePrompts(cfg.depth, cfg.length, vision_dim=g.embed_dim)
+    if cfg.method == "textprompt":
+        return LearnablePrompts(cfg.depth, cfg.length, text_dim=g.text_hidden)
+    if cfg.method in ("full", "zeroshot"):
+        return None
+    raise ValueError(f"unknown --method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+
+
+def load_trained(preset: Preset, out: Path, folder: Path):
+    """(glip, prompter) of a finished stage-3 run folder, for evaluation."""
+    saved = json.loads((folder / "config.json").read_text())
+    cfg = PromptConfig(**saved["prompt"])
+    glip = load_glip(preset, out)
+    prompter = build_prompter(preset, out, cfg)
+    weights = folder / "model.safetensors"
+    if cfg.method == "full":
+        load_strict(glip, read_state_dict(weights), source=str(weights))
+    elif prompter is not None:
+        state = read_state_dict(weights)
+        prompter.load_state_dict(state, strict=False)   # frozen parts come from their own stage folders
+        missing = set(prompter.trainable_state_dict()) - set(state)
+        if missing:
+            raise RuntimeError(f"{weights}: missing prompt keys {sorted(missing)[:8]}; was it written by a run "
+                               f"with different --depth/--length/flags than {folder / 'config.json'}?")
+    return freeze(glip), (prompter.eval() if prompter is not None else None)
+
+
+def trainable_parameters(glip, prompter) -> list:
+    return [p for p in (glip if prompter is None else prompter).parameters() if p.requires_grad]
+
+
+
+def trainable_state(glip, prompter) -> dict:
+    return glip.state_dict() if prompter is None else prompter.trainable_state_dict()
+
+
+def load_trainable_state(glip, prompter, state: dict) -> None:
+    if prompter is None:
+        glip.load_state_dict(state)
+    else:
+        prompter.load_state_dict(state, strict=False)

@@ -1,0 +1,3 @@
+"""Tooling shared by every stage: checkpoints and strict loading (checkpoint.py), devices, seeds and progress bars
+(runtime.py), data-parallel training under torchrun (distributed.py) and figure helpers (figures.py).
+"""
