@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--batch", type=int, default=None, help="bench: items per measured step")
     parser.add_argument("--compile", action="store_true", help="bench: also measure torch.compile")
     parser.add_argument("--probe", action="store_true", help="eval-base: also fit the linear position probe")
+    parser.add_argument("--budget", choices=("short", "long"), default="short",
+                        help="demo: short (≤ 10 min on 2 cores) or the long study (about an hour)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args, rest = parser.parse_known_args(argv)
 
@@ -112,7 +114,8 @@ def main(argv: list[str] | None = None):
     preset = get_preset(args.preset)
     preset.device = args.device
     data = args.data or Path(preset.data.root)
-    out = args.out or Path("runs") / ("demo" if args.command == "demo" else preset.name)
+    out = args.out or Path("runs") / ({"short": "demo", "long": "demo-long"}[args.budget] if args.command == "demo"
+                                      else preset.name)
     try:
         apply_overrides([getattr(preset, s) for s in sections], parse_overrides(rest))
         preset.prompt.check(preset.glip)
@@ -124,6 +127,8 @@ def main(argv: list[str] | None = None):
             if args.out is None:
                 raise SystemExit("eval-base: give --out FILE.json")
             return module.main(preset, data, out, probe=args.probe)
+        if args.command == "demo":
+            return module.main(preset, data, out, resume=not args.no_resume, budget=args.budget)
         return module.main(preset, data, out, resume=not args.no_resume)
     except (OSError, ValueError, CheckpointMismatch, DataError) as e:
         # a missing or unreadable input, a wrong file, a bad setting: one line that names it (--debug: traceback)

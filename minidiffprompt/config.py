@@ -225,6 +225,7 @@ class PromptConfig:
     seed: int = 0
     max_steps: int = 0             # optimiser steps per epoch at most (0 = the whole train split)
     val_items: int = 0             # per-epoch val R@1 on the first N val items (0 = no per-epoch check)
+    val_every: int = 0             # also every N optimiser steps (the learning curve `val_curve`; 0 = off)
     tag: str = ""                  # run folder prompts/<method>[-<tag>], e.g. for ablations
     glip_weights: str = ""         # "" = RUN/glip; tiny: the shipped GLIP; paper: the official glip_a_tiny_o365.pth
     vae_weights: str = ""          # "" = RUN/vae; paper: the released Mask-VAE folder

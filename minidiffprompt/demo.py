@@ -12,6 +12,13 @@
 
 Every stage resumes or reuses what a previous run left in the run folder, so a second call is instant. The last
 line printed is the run folder.
+
+`--budget long` (about an hour on two CPU cores) runs the longer study instead of step 5: every method, the oracle
+diagnostic (`--oracle_masks true`: the true mask in place of the DDIM samples) and full fine-tuning, each for
+LONG["steps"] optimiser steps at every learning rate of its grid, with a val learning curve; per method the
+learning rate with the best R@1 on the first LONG["select_items"] val expressions is kept (RUN/sweep holds all of
+them, RUN/sweep.json the choice) and evaluated on the whole of val, testA and testB. testA and testB played no
+part in the choice.
 """
 from __future__ import annotations
 
@@ -26,7 +33,15 @@ from .config import Preset
 
 DEMO_METHODS = ("vpt", "textprompt", "diffprompt")
 LABELS = {"zeroshot": "zero-shot GLIP (frozen base)", "vpt": "VPT-deep (visual prompts)",
-          "textprompt": "deep text prompts", "diffprompt": "Diff-Prompt", "full": "full fine-tuning"}
+          "textprompt": "deep text prompts", "diffprompt": "Diff-Prompt", "full": "full fine-tuning",
+          "oracle": "Diff-Prompt fed the true mask (oracle)"}
+# the long study: per method (name → prompt settings) a learning-rate grid; full fine-tuning gets its own
+LONG = {"steps": 240, "select_items": 300, "val_every": 40,
+        "methods": {"vpt": ({"method": "vpt"}, (1e-3, 3e-3, 1e-2)),
+                    "textprompt": ({"method": "textprompt"}, (1e-3, 3e-3, 1e-2)),
+                    "diffprompt": ({"method": "diffprompt"}, (1e-3, 3e-3, 1e-2)),
+                    "oracle": ({"method": "diffprompt", "oracle_masks": True}, (1e-3, 3e-3, 1e-2)),
+                    "full": ({"method": "full"}, (1e-5, 3e-5, 1e-4))}}
 
 
 def _data_root(data: Path) -> Path:
@@ -38,8 +53,10 @@ def _data_root(data: Path) -> Path:
     return ensure_synthetic(data.parent if data.name == "processed" else data)
 
 
-def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
+def main(preset: Preset, data: Path, out: Path, resume: bool = True, budget: str = "short") -> dict:
     from . import evaluate, train_dit, train_prompts, train_vae
+    if budget not in ("short", "long"):
+        raise ValueError(f"--budget {budget!r}: choose short or long")
     if preset.name != "tiny":
         print(f"demo: preset {preset.name!r}: the demo is sized for the tiny preset; running it anyway")
     out = Path(out)
@@ -56,9 +73,13 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     root = timed("data", _data_root, data)
     timed("stage 1 (Mask-VAE)", train_vae.main, preset, root, out, resume)
     timed("stage 2 (DiT)", train_dit.main, preset, root, out, resume)
-    for method in DEMO_METHODS:
-        preset.prompt.method = method
-        timed(f"stage 3: {method}", train_prompts.main, preset, root, out, resume)
+    if budget == "long":
+        timed("stage 3: the long study", long_study, preset, root, out, resume)
+        preset.eval.max_items = 0                    # whole splits
+    else:
+        for method in DEMO_METHODS:
+            preset.prompt.method = method
+            timed(f"stage 3: {method}", train_prompts.main, preset, root, out, resume)
     preset.prompt.method = "diffprompt"
     results = timed("evaluation", evaluate.main, preset, root, out, resume)
     timed("report", write_report, preset, root, out, results, timings)
@@ -66,6 +87,34 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     print(f"[demo] total {total:.0f} s", flush=True)
     print(out.resolve(), flush=True)
     return results
+
+
+def long_study(preset: Preset, root: Path, out: Path, resume: bool) -> dict:
+    """Every method of LONG at every learning rate of its grid (in RUN/sweep), then the best one per method, chosen
+    by R@1 on the first LONG["select_items"] val expressions, copied to RUN/prompts/<name> for the evaluation."""
+    import dataclasses
+    import shutil
+    from . import train_prompts
+    from .pipeline import method_dir
+    sweep, base, chosen = out / "sweep", preset.prompt, {}
+    for name, (settings, lrs) in LONG["methods"].items():
+        scores = {}
+        for lr in lrs:
+            preset.prompt = dataclasses.replace(
+                base, **settings, lr=lr, epochs=1, max_steps=LONG["steps"], val_items=LONG["select_items"],
+                val_every=LONG["val_every"], tag=f"{name}-lr{lr:g}", vae_weights=str(out / "vae"),
+                dit_weights=str(out / "dit"), glip_weights=base.glip_weights or str(out / "glip"))
+            scores[lr] = train_prompts.main(preset, root, sweep, resume)["history"][-1]["val_R@1"]
+            print(f"[demo] {name} lr {lr:g}: val R@1 {scores[lr]:.1f} (first {LONG['select_items']})", flush=True)
+        best = max(scores, key=scores.get)
+        preset.prompt = dataclasses.replace(base, **settings, tag=f"{name}-lr{best:g}")
+        target = out / "prompts" / name
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(method_dir(sweep, preset.prompt), target)
+        chosen[name] = {"lr": best, "selection_R@1": scores}
+    preset.prompt = base
+    write_json(out / "sweep.json", {"steps": LONG["steps"], "select_items": LONG["select_items"], "chosen": chosen})
+    return chosen
 
 
 # ----------------------------------------------------------------------------------------------------------------

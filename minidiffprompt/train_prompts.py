@@ -109,7 +109,16 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
         prompter.to(device).train()
     params = trainable_parameters(glip, prompter) if cfg.method != "zeroshot" else []
     n_trainable = sum(p.numel() for p in params)
-    history, step_losses, start_epoch, t0 = [], [], 0, time.time()
+    history, step_losses, val_curve, start_epoch, t0 = [], [], [], 0, time.time()
+
+    def validate() -> float:
+        """R@1 on the first `val_items` val expressions, then back to training mode."""
+        r1 = evaluate_split(glip, prompter, data, "val", preset, device, max_items=cfg.val_items)["R@1"]
+        if prompter is not None:
+            prompter.train()
+        if cfg.method == "full":
+            glip.train()
+        return r1
 
     if params:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -120,6 +129,7 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
             load_trainable_state(glip, prompter, state["weights"])
             optimizer.load_state_dict(state["optimizer"])
             start_epoch, history, step_losses = state["epoch"], state["history"], state["step_losses"]
+            val_curve = state.get("val_curve", [])
             torch.set_rng_state(state["rng"])
         if world_size() > 1:
             torch.manual_seed(cfg.seed + 1000 * rank() + start_epoch)   # fresh DDIM noise differs per rank
@@ -158,31 +168,27 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 step_losses.append(all_reduce_mean(accumulated / len(group)).item())
                 epoch_steps += 1
+                if cfg.val_every and cfg.val_items and len(step_losses) % cfg.val_every == 0:
+                    val_curve.append({"step": len(step_losses), "val_R@1": validate()})
                 bar.set_postfix(loss=f"{running / count:.3f}")
                 if cfg.max_steps and epoch_steps >= cfg.max_steps:
                     break  # a step budget per epoch (the tiny preset's CPU budget)
             record = {"epoch": epoch + 1, "loss": all_reduce_mean(running / max(count, 1)).item()}
             if cfg.val_items:
-                record["val_R@1"] = evaluate_split(glip, prompter, data, "val", preset, device,
-                                                   max_items=cfg.val_items)["R@1"]
-                if prompter is not None:
-                    prompter.train()
-                if cfg.method == "full":
-                    glip.train()
+                record["val_R@1"] = validate()
             history.append(record)
             if is_main():                          # rank 0 logs and writes; the others wait at the barrier
                 print(f"[{folder.name}] epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f}"
                       + (f" val R@1 {record['val_R@1']:.1f}" if "val_R@1" in record else ""), flush=True)
                 save_training(folder / "checkpoint.pt", weights=trainable_state(glip, prompter),
                               optimizer=optimizer.state_dict(), epoch=epoch + 1, history=history, config=config,
-                              step_losses=step_losses,
-                              rng=torch.get_rng_state())
+                              step_losses=step_losses, val_curve=val_curve, rng=torch.get_rng_state())
             barrier()
         if is_main():
             save_weights(trainable_state(glip, prompter), folder / "model.safetensors")
 
     metrics = {"method": cfg.method, "trainable_parameters": n_trainable, "epochs": len(history),
-               "history": history, "step_losses": step_losses,
+               "history": history, "step_losses": step_losses, "val_curve": val_curve,
                "final_loss": history[-1]["loss"] if history else None,
                "train_seconds": round(time.time() - t0, 1)}
     if is_main():

@@ -101,9 +101,11 @@ def test_tiny_harness_trains_resumes_and_evaluates_reproducibly(tmp_path, monkey
     assert metrics["trainable_parameters"] == count_trainable(pipeline.build_prompter(preset, out))
     assert all((folder / f).exists() for f in ("checkpoint.pt", "model.safetensors", "config.json", "metrics.json"))
     assert train_prompts.main(preset, data, out) == metrics                       # finished: reused, not retrained
-    preset.prompt.method = "vpt"
+    preset.prompt = dataclasses.replace(preset.prompt, method="vpt", val_items=4, val_every=1)
     vpt = train_prompts.main(preset, data, out)
     assert vpt["trainable_parameters"] == preset.prompt.depth * preset.prompt.length * preset.glip.embed_dim
+    assert [p["step"] for p in vpt["val_curve"]] == [1, 2] and vpt["history"][-1]["val_R@1"] >= 0   # the curve
+    preset.prompt = dataclasses.replace(preset.prompt, val_items=0, val_every=0)
     preset.prompt = dataclasses.replace(preset.prompt, method="diffprompt", oracle_masks=True, tag="oracle")
     assert len(train_prompts.main(preset, data, out)["step_losses"]) == 2      # true masks, no DDIM
     first = evaluate.main(preset, data, out, resume=False)
@@ -187,3 +189,23 @@ def test_accumulated_micro_batches_give_the_whole_batchs_gradient():
         (prompt_loss(glip, None, {k: v[i:i + 2] for k, v in batch.items()}, cpu)[0] / 4).backward()
     own = torch.cat([p.grad.flatten() for p in glip.parameters() if p.grad is not None])
     assert (own - whole).norm() > 1e-3 * whole.norm()
+
+
+def test_the_long_study_keeps_each_methods_best_learning_rate(tmp_path, monkeypatch):
+    """`demo --budget long` in miniature: two methods × two learning rates, one step each; the copy in
+    RUN/prompts/<name> is the run whose selection R@1 is the highest, and sweep.json says which."""
+    import json
+    from minidiffprompt import demo
+    monkeypatch.setenv("MDP_QUIET", "1")
+    preset, data, out = make_run(tmp_path)
+    monkeypatch.setattr(demo, "LONG", {"steps": 1, "select_items": 4, "val_every": 1, "methods": {
+        "vpt": ({"method": "vpt"}, (1e-3, 1e-1)),
+        "oracle": ({"method": "diffprompt", "oracle_masks": True}, (1e-3, 1e-1))}})
+    chosen = demo.long_study(preset, data, out, resume=True)
+    assert json.loads((out / "sweep.json").read_text())["chosen"] == json.loads(json.dumps(chosen))
+    for name, c in chosen.items():
+        scores = {float(k): v for k, v in c["selection_R@1"].items()}
+        assert c["lr"] == max(scores, key=scores.get)
+        saved = json.loads((out / "prompts" / name / "config.json").read_text())["prompt"]
+        assert saved["lr"] == c["lr"] and saved["max_steps"] == 1
+    assert preset.prompt.method == "diffprompt" and preset.prompt.tag == ""          # the preset is restored
