@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     ref.add_argument("--mdetr-dir", type=Path, default=None, help="folder with finetune_refcoco_{split}.json")
     ref.add_argument("--out", type=Path, required=True, help="data root to write")
     ref.add_argument("--max-bad-fraction", type=float, default=0.01)
-    ref.add_argument("--check-images", choices=("open", "full", "none"), default="open")
+    ref.add_argument("--check-images", choices=("open", "full", "none"), default="full",
+                     help="full: decode every image (default); open: read headers only; none: trust the files")
     args = parser.parse_args(argv)
 
     t0 = time.time()

@@ -12,6 +12,7 @@ unless `--no-resume` is given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .utils.checkpoint import CheckpointMismatch
+from .utils.checkpoint import CheckpointMismatch, RunLocked, run_lock
 from .config import apply_overrides, get_preset
 from .data.refcoco import DataError
 
@@ -121,16 +122,18 @@ def main(argv: list[str] | None = None):
         preset.prompt.check(preset.glip)
         writable_folder(out.parent if args.command == "eval-base" else out)
         module = importlib.import_module(f"minidiffprompt.{module_name}")
-        if args.command == "bench":
-            return module.main(preset, data, out, resume=False, batch=args.batch, compile=args.compile or None)
         if args.command == "eval-base":
             if args.out is None:
                 raise SystemExit("eval-base: give --out FILE.json")
             return module.main(preset, data, out, probe=args.probe)
-        if args.command == "demo":
-            return module.main(preset, data, out, resume=not args.no_resume, budget=args.budget)
-        return module.main(preset, data, out, resume=not args.no_resume)
-    except (OSError, ValueError, CheckpointMismatch, DataError) as e:
+        # one writer per run folder (under torchrun the ranks of one run share it: rank 0 holds the lock)
+        with run_lock(out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+            if args.command == "bench":
+                return module.main(preset, data, out, resume=False, batch=args.batch, compile=args.compile or None)
+            if args.command == "demo":
+                return module.main(preset, data, out, resume=not args.no_resume, budget=args.budget)
+            return module.main(preset, data, out, resume=not args.no_resume)
+    except (OSError, ValueError, CheckpointMismatch, DataError, RunLocked) as e:
         # a missing or unreadable input, a wrong file, a bad setting: one line that names it (--debug: traceback)
         if args.debug:
             raise

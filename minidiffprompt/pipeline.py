@@ -11,7 +11,7 @@ from pathlib import Path
 from . import train_dit
 from .config import METHODS, Preset, PromptConfig
 from .prompting import DiffPromptGenerator, LearnablePrompts, freeze
-from .utils.checkpoint import load_strict, read_state_dict
+from .utils.checkpoint import check_state, load_strict, read_state_dict
 
 def method_dir(out: Path, cfg: PromptConfig) -> Path:
     return Path(out) / "prompts" / (cfg.method + (f"-{cfg.tag}" if cfg.tag else ""))
@@ -93,15 +93,8 @@ def load_trained(preset: Preset, out: Path, folder: Path):
     glip = load_glip(preset, out)
     prompter = build_prompter(preset, out, cfg)
     weights = folder / "model.safetensors"
-    if cfg.method == "full":
-        load_strict(glip, read_state_dict(weights), source=str(weights))
-    elif prompter is not None:
-        state = read_state_dict(weights)
-        prompter.load_state_dict(state, strict=False)   # frozen parts come from their own stage folders
-        missing = set(prompter.trainable_state_dict()) - set(state)
-        if missing:
-            raise RuntimeError(f"{weights}: missing prompt keys {sorted(missing)[:8]}; was it written by a run "
-                               f"with different --depth/--length/flags than {folder / 'config.json'}?")
+    if cfg.method != "zeroshot":
+        load_trainable_state(glip, prompter, read_state_dict(weights), source=str(weights))
     return freeze(glip), (prompter.eval() if prompter is not None else None)
 
 
@@ -109,13 +102,14 @@ def trainable_parameters(glip, prompter) -> list:
     return [p for p in (glip if prompter is None else prompter).parameters() if p.requires_grad]
 
 
-
 def trainable_state(glip, prompter) -> dict:
     return glip.state_dict() if prompter is None else prompter.trainable_state_dict()
 
 
-def load_trainable_state(glip, prompter, state: dict) -> None:
+def load_trainable_state(glip, prompter, state: dict, source: str = "checkpoint") -> None:
+    """Strictly: every trainable key, with its shape and kind of dtype, and nothing else."""
     if prompter is None:
-        glip.load_state_dict(state)
+        load_strict(glip, state, source=source)
     else:
-        prompter.load_state_dict(state, strict=False)
+        check_state(prompter.trainable_state_dict(), state, source, f"the {type(prompter).__name__} being trained")
+        prompter.load_state_dict(state, strict=False)   # the frozen parts come from their own stage folders

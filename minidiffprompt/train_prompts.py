@@ -126,7 +126,7 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
                            find_unused_parameters=prompter is None)   # `full`: GLIP's cls_logits gets no gradient
         state = load_training(folder / "checkpoint.pt") if resume else None
         if state is not None and state.get("config") == config:
-            load_trainable_state(glip, prompter, state["weights"])
+            load_trainable_state(glip, prompter, state["weights"], source=str(folder / "checkpoint.pt"))
             optimizer.load_state_dict(state["optimizer"])
             start_epoch, history, step_losses = state["epoch"], state["history"], state["step_losses"]
             val_curve = state.get("val_curve", [])

@@ -123,3 +123,75 @@ def test_an_unknown_device_and_an_unwritable_out_are_one_line_errors(tmp_path, c
     assert str(e.value).startswith(f"evaluate: --out {blocker / 'run'} is not a writable folder")
     with pytest.raises(OSError):                                 # --debug: the traceback instead
         main(["evaluate", "--out", str(blocker / "run"), "--debug"])
+
+
+def test_a_second_writer_is_refused_and_a_dead_writers_lock_taken_over(tmp_path):
+    from minidiffprompt.utils.checkpoint import RunLocked, run_lock
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from minidiffprompt.utils.checkpoint import run_lock\n"
+        f"with run_lock({str(run)!r}):\n    print('held', flush=True); time.sleep(60)")],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLocked, match=f"pid {holder.pid} on"):
+            with run_lock(run):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(run):                                         # the killed holder's lock is free again
+        assert (run / ".lock.owner").read_text().startswith(f"pid {__import__('os').getpid()}")
+
+
+def test_temporary_files_have_unique_names_and_do_not_linger(tmp_path):
+    from minidiffprompt.utils.checkpoint import _replace_atomically, write_json
+    names = []
+    _replace_atomically(lambda tmp: names.append(tmp) or tmp.write_text("a"), tmp_path / "x.json")
+    _replace_atomically(lambda tmp: names.append(tmp) or tmp.write_text("b"), tmp_path / "x.json")
+    assert names[0] != names[1] and (tmp_path / "x.json").read_text() == "b"
+    with pytest.raises(ZeroDivisionError):                      # a failed write leaves the old file and no temp file
+        _replace_atomically(lambda tmp: tmp.write_text("c") and 1 / 0, tmp_path / "x.json")
+    write_json(tmp_path / "y.json", {"k": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "y.json"]
+    assert (tmp_path / "x.json").read_text() == "b"
+
+
+def test_16_bit_images_load_with_their_grey_levels_and_truncated_jpegs_are_refused(tmp_path, raw):
+    import numpy as np
+    from PIL import Image
+    from minidiffprompt.data.datasets import load_image
+    grey = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)        # 0 .. 65472
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    img = load_image(tmp_path / "grey16.png", 32)
+    assert img.shape == (3, 32, 32) and abs(img.mean().item() - grey.mean() / 65535) < 2e-3   # not all white
+    # a truncated JPEG among the inputs: the default full decode drops that image's refs as corrupt
+    victim = sorted((raw / "train2014").glob("*.jpg"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    summary = convert_refcoco(raw / "refcoco", raw / "train2014", tmp_path / "out",
+                              mdetr_dir=raw / "mdetr_annotations", max_bad_fraction=0.5, **quiet)
+    assert summary["bad"].get("corrupt_image", 0) >= 1
+    header_only = convert_refcoco(raw / "refcoco", raw / "train2014", tmp_path / "out2",
+                                  mdetr_dir=raw / "mdetr_annotations", max_bad_fraction=0.5, check_images="open",
+                                  **quiet)
+    assert "corrupt_image" not in header_only["bad"]           # what the old default let through
+
+
+def test_prompt_weights_load_strictly(tmp_path):
+    """A checkpoint of other prompts (another depth), or one with integer weights, is refused by name instead of
+    silently leaving fresh prompts."""
+    import torch
+    from minidiffprompt.pipeline import load_trainable_state
+    from minidiffprompt.prompting import LearnablePrompts
+    from minidiffprompt.utils.checkpoint import CheckpointMismatch
+    prompts = LearnablePrompts(depth=2, length=4, vision_dim=8)
+    good = {k: v.clone() + 1 for k, v in prompts.trainable_state_dict().items()}
+    load_trainable_state(None, prompts, good, source="good.pt")
+    assert all(torch.equal(prompts.trainable_state_dict()[k], v) for k, v in good.items())
+    deeper = LearnablePrompts(depth=3, length=4, vision_dim=8).trainable_state_dict()
+    with pytest.raises(CheckpointMismatch, match="unexpected keys"):
+        load_trainable_state(None, prompts, deeper, source="deeper.pt")
+    as_int = {k: v.long() for k, v in good.items()}
+    with pytest.raises(CheckpointMismatch, match="wrongly typed keys"):
+        load_trainable_state(None, prompts, as_int, source="int.pt")

@@ -48,6 +48,9 @@ def resolve_image(root: str | Path, image: str) -> Path:
 def load_image(path: str | Path, size: int) -> torch.Tensor:
     """(3, size, size) RGB in [0, 1], PIL bilinear resize ignoring the aspect ratio (GLIP's FIX_RES `Resize`)."""
     with Image.open(path) as im:
+        if im.mode.startswith("I;16") or (im.mode == "I" and im.getextrema()[1] > 255):
+            # 16-bit grey: scale to 8 bits (converting directly would clip nearly every pixel to white)
+            im = Image.fromarray((np.asarray(im, dtype=np.float32) * (255 / 65535)).round().astype(np.uint8))
         im = im.convert("RGB").resize((size, size), Image.BILINEAR)
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 

@@ -202,10 +202,11 @@ def _image_ref(path: Path, out: Path) -> str:
 
 
 def convert_refcoco(refer_dir, coco_images, out, mdetr_dir=None, max_bad_fraction: float = 0.01,
-                    check_images: str = "open", log=print) -> dict:
+                    check_images: str = "full", log=print) -> dict:
     """Convert; returns {"splits": {split: {"refs", "sentences"}}, "bad": {reason: count}, ...}.
 
-    check_images: "open" (header check, default), "full" (decode every image) or "none" (trust the files).
+    check_images: "full" (decode every image, the default: a truncated JPEG fails here, not mid-training; it added
+    0.5 s to the 1,200 synthetic images, about 5 ms per COCO image), "open" (header check) or "none".
     """
     refer_dir, coco_images, out = Path(refer_dir), Path(coco_images), Path(out)
     check_output(out, [refer_dir, coco_images, mdetr_dir])

@@ -1,14 +1,18 @@
 """Reading, checking and writing weights: atomic writes, strict loads with errors that name the keys.
 
-Every file this package writes goes to `path.tmp` first and is renamed into place, so a run killed mid-write
-leaves the previous checkpoint intact. Every file it reads is opened with `weights_only=True` (no arbitrary
-unpickling) or through safetensors.
+Every file this package writes goes to a temporary file of its own next to `path` first and is renamed into
+place, so a run killed mid-write leaves the previous checkpoint intact. Every file it reads is opened with
+`weights_only=True` (no arbitrary unpickling) or through safetensors. `run_lock` keeps a second process out of a
+run folder that one is writing.
 """
 from __future__ import annotations
 
 import ast
 import json
 import os
+import secrets
+import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,13 +23,42 @@ class CheckpointMismatch(RuntimeError):
     """A state dict does not fit the model: lists the missing, unexpected and mis-shaped keys."""
 
 
+class RunLocked(RuntimeError):
+    """Another live process is writing to the same run folder."""
+
+
 def _replace_atomically(write, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")   # unique per writer
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+@contextmanager
+def run_lock(folder):
+    """Hold `folder/.lock` while writing a run: a second process gets `RunLocked` naming the holder (pid, host).
+    The operating system releases the lock when its process dies, so a killed run's lock is simply taken over."""
+    from filelock import FileLock, Timeout
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    owner = folder / ".lock.owner"
+    lock = FileLock(folder / ".lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        held = owner.read_text().strip() if owner.exists() else "another process"
+        raise RunLocked(f"{folder} is being written by {held}; wait for it to finish or use another --out") from None
+    try:
+        owner.write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        yield
+    finally:
+        owner.unlink(missing_ok=True)
+        lock.release()
 
 
 def atomic_save(obj, path) -> Path:
@@ -115,22 +148,31 @@ def read_state_dict(path, key: str | None = None) -> dict:
     return obj
 
 
-def load_strict(module: nn.Module, state_dict: dict, source: str = "checkpoint") -> nn.Module:
-    """`module.load_state_dict(state_dict, strict=True)` with an error that lists every offending key."""
-    own = module.state_dict()
+def check_state(own: dict, state_dict: dict, source: str, what: str) -> None:
+    """Raise `CheckpointMismatch` listing every missing, unexpected, mis-shaped or wrongly typed key of `state_dict`
+    against the reference `own` (a float tensor stored as integers, or the reverse, counts as wrongly typed; float
+    precisions may differ)."""
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
+    common = [k for k in own if k in state_dict]
     misshaped = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                 for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or misshaped:
+                 for k in common if tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    mistyped = [f"{k}: checkpoint {state_dict[k].dtype} vs model {own[k].dtype}" for k in common
+                if state_dict[k].is_floating_point() != own[k].is_floating_point()]
+    if missing or unexpected or misshaped or mistyped:
         def show(title, items):
             more = f" ... and {len(items) - 12} more" if len(items) > 12 else ""
             return f"\n  {title} ({len(items)}): " + ", ".join(items[:12]) + more if items else ""
         raise CheckpointMismatch(
-            f"{source} does not match {type(module).__name__}:"
+            f"{source} does not match {what}:"
             + show("missing keys", missing) + show("unexpected keys", unexpected)
-            + show("mis-shaped keys", misshaped)
+            + show("mis-shaped keys", misshaped) + show("wrongly typed keys", mistyped)
             + "\n  Check that the file is the right model and that the preset/architecture options match it.")
+
+
+def load_strict(module: nn.Module, state_dict: dict, source: str = "checkpoint") -> nn.Module:
+    """`module.load_state_dict(state_dict, strict=True)` with an error that lists every offending key."""
+    check_state(module.state_dict(), state_dict, source, type(module).__name__)
     module.load_state_dict(state_dict, strict=True)
     return module
 
