@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from .utils.checkpoint import write_json, write_text
+from .utils.checkpoint import fingerprint, write_json, write_text
 from .config import Preset
 from .metrics import evaluate_boxes, results_table_markdown, write_results
 from .utils.runtime import autocast, pick_device, progress
@@ -165,14 +165,15 @@ def qualitative_figure(samples: dict, dataset, preset: Preset, path: Path, n: in
 
 def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     """Evaluate zero-shot GLIP and every finished method in RUN/prompts; returns {method: {split: metrics}}."""
-    from .pipeline import load_glip, load_trained
+    from .pipeline import glip_path, load_glip, load_trained
     from .prompting import freeze
     device = pick_device(getattr(preset, "device", "auto"))
     ev = preset.eval
     eval_dir = Path(out) / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     settings = {"eval": dataclasses.asdict(ev), "image_size": preset.data.image_size, "amp": preset.prompt.amp,
-                "glip": preset.prompt.glip_weights, "format": 2}
+                "glip": preset.prompt.glip_weights, "glip_files": fingerprint(glip_path(preset, out)),
+                "data": fingerprint(data), "format": 3}
     runs = [("zeroshot", None)] + [(p.name, p) for p in trained_methods(out) if p.name != "zeroshot"]
     oracle = any(json.loads((p / "config.json").read_text())["prompt"].get("oracle_masks") for _, p in runs[1:])
     datasets = {s: split_dataset(data, s, preset, ev.max_items, masks=oracle) for s in ev.splits}

@@ -11,20 +11,27 @@ from pathlib import Path
 from . import train_dit
 from .config import METHODS, Preset, PromptConfig
 from .prompting import DiffPromptGenerator, LearnablePrompts, freeze
-from .utils.checkpoint import check_state, load_strict, read_state_dict
+from .utils.checkpoint import check_state, fingerprint, load_strict, read_state_dict
 
 def method_dir(out: Path, cfg: PromptConfig) -> Path:
     return Path(out) / "prompts" / (cfg.method + (f"-{cfg.tag}" if cfg.tag else ""))
 
 
-def run_config(preset: Preset, cfg: PromptConfig) -> dict:
-    """What a finished run must match to be reused: the stage-3 settings, the input sizes and, for Diff-Prompt, the
-    generator's configuration."""
+def run_config(preset: Preset, cfg: PromptConfig, data=None, out=None) -> dict:
+    """What a finished run must match to be reused: the stage-3 settings, the input sizes, for Diff-Prompt the
+    generator's configuration, and (given `data` and `out`) the data and the weights of the frozen parts."""
     config = {"prompt": dataclasses.asdict(cfg), "image_size": preset.data.image_size,
               "mask_size": preset.data.mask_size, "preset": preset.name}
+    generated = cfg.method == "diffprompt" and cfg.generated and not cfg.oracle_masks
     if cfg.method == "diffprompt" and cfg.generated:
         config["dit"] = train_dit.run_config(preset)["dit"]   # the one stage 2 itself records
-    return config
+    if data is not None:
+        config["data"] = fingerprint(data)
+        config["upstream"] = {
+            "glip": fingerprint(_stage_path(cfg.glip_weights, out, "glip", "GLIP checkpoint")),
+            **({"vae": fingerprint(_stage_path(cfg.vae_weights, out, "vae", "Mask-VAE")),
+                "dit": fingerprint(_stage_path(cfg.dit_weights, out, "dit", "DiT"))} if generated else {})}
+    return json.loads(json.dumps(config))
 
 
 def _stage_path(given: str, out: Path, stage: str, what: str) -> Path:
@@ -36,16 +43,20 @@ def _stage_path(given: str, out: Path, stage: str, what: str) -> Path:
     return path
 
 
+def glip_path(preset: Preset, out: Path) -> Path:
+    """Where the base GLIP comes from: --glip_weights (tiny: the shipped one; paper: the official file), else RUN/glip."""
+    return _stage_path(preset.prompt.glip_weights, out, "glip", "GLIP checkpoint")
+
+
 def load_glip(preset: Preset, out: Path):
     """The base detector: --glip_weights (tiny: the shipped one; paper: the official checkpoint), else RUN/glip."""
     from .glip.model import load_glip_checkpoint
-    path = _stage_path(preset.prompt.glip_weights, out, "glip", "GLIP checkpoint")
-    return load_glip_checkpoint(path, preset.glip)
+    return load_glip_checkpoint(glip_path(preset, out), preset.glip)
 
 
 def load_glip_metrics(preset: Preset, out: Path) -> dict:
     """The base GLIP's recorded metrics.json ({} for a checkpoint file such as the official one)."""
-    path = _stage_path(preset.prompt.glip_weights, out, "glip", "GLIP checkpoint") / "metrics.json"
+    path = glip_path(preset, out) / "metrics.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .utils.checkpoint import load_training, restore_training, same_but_epochs, save_training, save_weights, write_json
+from .utils.checkpoint import (fingerprint, load_training, match_run, restore_training, save_training, save_weights,
+                               write_json)
 from .conditions import ConditionEncoder, build_condition_encoder
 from .config import DiTConfig, Preset
 from .diffusion import GaussianDiffusion, get_betas
@@ -162,10 +163,18 @@ def evaluate_generation(dit: DiT, vae: MaskVAE, diffusion: GaussianDiffusion, en
 # Training
 
 
-def run_config(preset: Preset) -> dict:
-    """What must match for a stored run to count as this run."""
-    return json.loads(json.dumps({"image_size": preset.data.image_size, "mask_size": preset.data.mask_size,
-                                  "dit": dataclasses.asdict(preset.dit)}))
+def run_config(preset: Preset, data=None, out=None) -> dict:
+    """What must match for a stored run to count as this run: the settings, the data and the weights it builds on
+    (the run's Mask-VAE and the condition encoder's files)."""
+    config = {"image_size": preset.data.image_size, "mask_size": preset.data.mask_size,
+              "dit": dataclasses.asdict(preset.dit)}
+    if data is not None:
+        from .pretrain.shipped import resolve_weights
+        clip = preset.dit.clip_path if preset.dit.condition in ("clip", "tiny_clip") else ""
+        config["data"] = fingerprint(data)
+        config["upstream"] = {"vae": fingerprint(Path(out) / "vae"),
+                              "condition": fingerprint(resolve_weights(clip)) if clip else None}
+    return json.loads(json.dumps(config))
 
 
 def drop_conditions(image_features, text_features, p: float, generator: torch.Generator):
@@ -228,11 +237,12 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
         raise SystemExit(f"train-dit: --guidance {cfg.guidance} needs a DiT that learned the null condition; "
                          "set --cond_dropout (e.g. 0.15) or --guidance 1")
     stage = Path(out) / "dit"
-    wanted = run_config(preset)
+    wanted = run_config(preset, data, out)
     final = [stage / n for n in ("model.safetensors", "config.json", "metrics.json")]
     if resume and all(p.exists() for p in final):
-        if json.loads((stage / "config.json").read_text()).get("train") == wanted:
-            return json.loads((stage / "metrics.json").read_text())
+        stored = json.loads((stage / "config.json").read_text()).get("train", {})
+        if match_run(stored, wanted, stage, "dit", stored.get("dit", {}).get("epochs")) == "same":
+            return json.loads((stage / "metrics.json").read_text())       # "extend": continue from the checkpoint
 
     device = init_distributed(getattr(preset, "device", "auto"))   # one process per GPU under torchrun
     vae = load_stage1_vae(out, device)
@@ -248,13 +258,12 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
     start, history, elapsed, steps = 0, [], 0.0, 0
 
     state = load_training(stage / "checkpoint.pt") if resume else None
-    if state is not None and same_but_epochs(state["config"], wanted, "dit") and state["epoch"] <= cfg.epochs:
+    if state is not None:        # same settings, or more epochs than it reached: resume; else RunMismatch
+        match_run(state["config"], wanted, stage / "checkpoint.pt", "dit", state["epoch"] - 1)
         restore_training(state, generator, model=dit, ema=ema, opt=optimizer)
         start, history, elapsed, steps = state["epoch"], state["history"], state["seconds"], state["steps"]
         if is_main():
             print(f"train-dit: resuming {stage / 'checkpoint.pt'} after epoch {start}")
-    elif state is not None and is_main():
-        print(f"train-dit: {stage / 'checkpoint.pt'} was written with another configuration; starting afresh")
     if world_size() > 1:   # same initial weights and EMA everywhere, then each rank its own t / ε / x0 noise
         torch.manual_seed(cfg.seed + 1000 * rank() + start)
         generator.manual_seed(cfg.seed + 1000 * rank() + start)

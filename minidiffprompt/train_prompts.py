@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .utils.checkpoint import load_training, save_training, save_weights, write_json
+from .utils.checkpoint import load_training, match_run, save_training, save_weights, write_json
 from .config import Preset
 from .utils.distributed import (all_reduce_mean, all_reduce_sum, barrier, cleanup, distributed_loader,
                                 init_distributed, is_main, rank, set_epoch, world_size, wrap_ddp)
@@ -92,10 +92,10 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     cfg.check(preset.glip)
     device = init_distributed(getattr(preset, "device", "auto"))   # one process per GPU under torchrun
     folder = method_dir(out, cfg)
-    config = run_config(preset, cfg)
+    config = run_config(preset, cfg, data, out)
     if resume and (folder / "metrics.json").exists() and (folder / "config.json").exists():
-        if json.loads((folder / "config.json").read_text()).get("config") == config:
-            return json.loads((folder / "metrics.json").read_text())
+        match_run(json.loads((folder / "config.json").read_text()).get("config", {}), config, folder)
+        return json.loads((folder / "metrics.json").read_text())
     folder.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
 
@@ -125,7 +125,8 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
         trained = wrap_ddp(prompter if prompter is not None else glip, device,
                            find_unused_parameters=prompter is None)   # `full`: GLIP's cls_logits gets no gradient
         state = load_training(folder / "checkpoint.pt") if resume else None
-        if state is not None and state.get("config") == config:
+        if state is not None:    # a checkpoint of other settings is a RunMismatch, never silently restarted
+            match_run(state["config"], config, folder / "checkpoint.pt")
             load_trainable_state(glip, prompter, state["weights"], source=str(folder / "checkpoint.pt"))
             optimizer.load_state_dict(state["optimizer"])
             start_epoch, history, step_losses = state["epoch"], state["history"], state["step_losses"]

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from .utils.checkpoint import load_training, restore_training, same_but_epochs, save_training, save_weights, write_json
+from .utils.checkpoint import (fingerprint, load_training, match_run, restore_training, save_training, save_weights,
+                               write_json)
 from .config import Preset, VAEConfig
 from .utils.distributed import (all_reduce_mean, barrier, cleanup, distributed_loader, init_distributed, is_main, rank,
                           set_epoch, world_size, wrap_ddp)
@@ -123,20 +124,21 @@ def evaluate(vae, loader, device) -> dict:
     return {k: v / max(n, 1) for k, v in totals.items()}
 
 
-def run_config(preset: Preset) -> dict:
-    """What must match for a stored run to count as this run (JSON-normalised, tuples become lists)."""
-    return json.loads(json.dumps({"mask_size": preset.data.mask_size, "vae": dataclasses.asdict(preset.vae)}))
+def run_config(preset: Preset, data) -> dict:
+    """What must match for a stored run to count as this run: the settings and the data (JSON-normalised)."""
+    return json.loads(json.dumps({"mask_size": preset.data.mask_size, "vae": dataclasses.asdict(preset.vae),
+                                  "data": fingerprint(data)}))
 
 
 def main(preset: Preset, data, out, resume: bool = True) -> dict:
     """Train (or resume, or reuse) the Mask-VAE of `preset` on `data`; returns the final metrics."""
     cfg, stage = preset.vae, Path(out) / "vae"
-    wanted = run_config(preset)
+    wanted = run_config(preset, data)
     final = [stage / n for n in ("model.safetensors", "config.json", "metrics.json")]
     if resume and all(p.exists() for p in final):
-        stored = json.loads((stage / "config.json").read_text()).get("train")
-        if stored == wanted:
-            return json.loads((stage / "metrics.json").read_text())
+        stored = json.loads((stage / "config.json").read_text()).get("train", {})
+        if match_run(stored, wanted, stage, "vae", stored.get("vae", {}).get("epochs")) == "same":
+            return json.loads((stage / "metrics.json").read_text())       # "extend": continue from the checkpoint
 
     device = init_distributed(getattr(preset, "device", "auto"))   # one process per GPU under torchrun
     generator = seed_everything(cfg.seed)                             # the same initial weights on every rank
@@ -147,14 +149,12 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
     start, history, elapsed = 0, [], 0.0
 
     state = load_training(stage / "checkpoint.pt") if resume else None
-    if state is not None and same_but_epochs(state["config"], wanted, "vae") and state["epoch"] <= cfg.epochs:
+    if state is not None:        # same settings, or more epochs than it reached: resume; else RunMismatch
+        match_run(state["config"], wanted, stage / "checkpoint.pt", "vae", state["epoch"] - 1)
         restore_training(state, generator, model=vae, optimizer=optimizer, scheduler=scheduler)
         start, history, elapsed = state["epoch"], state["history"], state["seconds"]
         if is_main():
             print(f"train-vae: resuming {stage / 'checkpoint.pt'} after epoch {start}", flush=True)
-    elif state is not None and is_main():
-        print(f"train-vae: {stage / 'checkpoint.pt'} was written with another configuration; starting afresh",
-              flush=True)
     if world_size() > 1:
         torch.manual_seed(cfg.seed + 1000 * rank() + start)   # each rank its own posterior-sampling noise
 

@@ -195,3 +195,36 @@ def test_prompt_weights_load_strictly(tmp_path):
     as_int = {k: v.long() for k, v in good.items()}
     with pytest.raises(CheckpointMismatch, match="wrongly typed keys"):
         load_trainable_state(None, prompts, as_int, source="int.pt")
+
+
+def test_a_run_is_reused_only_on_the_same_data_and_upstream_weights(tmp_path, monkeypatch):
+    """Run identity: the data's split files and the weights a stage builds on are part of what must match; a
+    mismatch names the differing field and leaves the finished run as it was."""
+    import torch
+    from minidiffprompt import train_vae
+    from minidiffprompt.config import get_preset
+    from minidiffprompt.pipeline import run_config
+    from minidiffprompt.utils.checkpoint import RunMismatch
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "val"):
+        (data / f"{split}.json").write_text(f'{{"records": [], "split": "{split}"}}')
+    g = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(train_vae, "load_mask_tensors",
+                        lambda root, split, size: (torch.rand(8, 1, size, size, generator=g) > 0.7).float())
+    preset = get_preset("tiny")
+    preset.data.mask_size, preset.vae.epochs, preset.vae.batch_size = 32, 1, 8
+    train_vae.main(preset, data, tmp_path / "run")
+    before = tree(tmp_path / "run")
+    (data / "train.json").write_text('{"records": [], "split": "train", "edited": true}')
+    with pytest.raises(RunMismatch, match="data.train.json"):
+        train_vae.main(preset, data, tmp_path / "run")
+    assert tree(tmp_path / "run") == before
+    # stage 3's identity holds the base GLIP's files: other weights at the same path are another run
+    out = tmp_path / "run"
+    (out / "glip").mkdir()
+    (out / "glip" / "model.safetensors").write_bytes(b"one")
+    preset.prompt.glip_weights, preset.prompt.method = "", "vpt"
+    first = run_config(preset, preset.prompt, data, out)
+    (out / "glip" / "model.safetensors").write_bytes(b"two")
+    assert run_config(preset, preset.prompt, data, out)["upstream"]["glip"] != first["upstream"]["glip"]

@@ -8,7 +8,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from minidiffprompt import train_vae
-from minidiffprompt.utils.checkpoint import CheckpointMismatch, keys_from_tsv, load_strict, save_weights
+from minidiffprompt.utils.checkpoint import CheckpointMismatch, RunMismatch, keys_from_tsv, load_strict, save_weights
 from minidiffprompt.config import get_preset
 from minidiffprompt.vae import DiagonalGaussian, MaskVAE, diffusers_config, load_mask_vae
 
@@ -258,8 +258,14 @@ def test_main_writes_the_run_resumes_and_reuses(tmp_path, monkeypatch):
     preset.vae.epochs = 3                                       # more epochs: continue from checkpoint.pt
     longer = train_vae.main(preset, tmp_path / "data", tmp_path / "run")
     assert len(calls) == 1 and longer["epochs"] == 3 and longer["history"][:2] == metrics["history"]
-    preset.vae.lr = 1e-3                                        # another recipe: start afresh
-    fresh = train_vae.main(preset, tmp_path / "data", tmp_path / "run")
+    preset.vae.epochs = 2                                       # fewer epochs: never shortened unasked
+    with pytest.raises(RunMismatch, match="vae.epochs: 3 there, 2 now"):
+        train_vae.main(preset, tmp_path / "data", tmp_path / "run")
+    preset.vae.epochs, preset.vae.lr = 3, 1e-3                  # another recipe: an error naming it ...
+    with pytest.raises(RunMismatch, match="vae.lr: 0.005 there, 0.001 now.*--no-resume"):
+        train_vae.main(preset, tmp_path / "data", tmp_path / "run")
+    assert len(calls) == 1                                      # nothing was trained or overwritten
+    fresh = train_vae.main(preset, tmp_path / "data", tmp_path / "run", resume=False)   # ... unless --no-resume
     assert len(calls) == 4 and fresh["epochs"] == 3
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM
 
-from ..utils.checkpoint import finished_run, write_run
+from ..utils.checkpoint import finished_run, fingerprint, write_run
 from ..config import Preset
 from ..data.datasets import load_records
 from ..utils.runtime import command_line, progress, seed_everything
@@ -86,7 +86,7 @@ def masked_accuracy(model, tok, texts: list[str], max_len: int, seed: int = 0) -
 def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     cfg, data, folder = preset.bert, Path(data), Path(out) / "bert"
     arch = {k: getattr(preset.glip, k) for k in ("text_hidden", "text_layers", "text_heads", "max_query_len")}
-    config = {"bert": dataclasses.asdict(cfg), "arch": arch, "data": str(data)}
+    config = {"bert": dataclasses.asdict(cfg), "arch": arch, "data": fingerprint(data)}
     if resume and (done := finished_run(folder, config)) is not None:
         return done
     t_start = time.time()

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils.checkpoint import finished_run, write_run
+from ..utils.checkpoint import finished_run, fingerprint, write_run
 from ..config import Preset
 from ..utils.runtime import command_line, progress, seed_everything
 from ..data.text import clean_caption, load_tokenizer
@@ -134,7 +134,7 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     vocab = data / "vocab.txt"
     tok = load_tokenizer(vocab)
     arch = TinyCLIPConfig(vocab_size=len(tok), dim=preset.dit.cond_dim, map_size=preset.dit.input_size)
-    config = {"clip": dataclasses.asdict(cfg), "arch": dataclasses.asdict(arch), "data": str(data)}
+    config = {"clip": dataclasses.asdict(cfg), "arch": dataclasses.asdict(arch), "data": fingerprint(data)}
     if resume and (done := finished_run(folder, config)) is not None:
         return done
     t_start = time.time()

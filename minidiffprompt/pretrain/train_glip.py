@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from ..utils.checkpoint import finished_run, load_training, restore_training, save_training, write_run
+from ..utils.checkpoint import (finished_run, fingerprint, load_training, match_run, restore_training, save_training,
+                                write_run)
 from ..config import Preset
 from ..data.datasets import DetectionDataset, RefExpDataset, collate
 from ..utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed, is_main, rank, world_size, wrap_ddp
@@ -201,7 +202,9 @@ def referring_zero_shot(model: GLIP, data: Path, image_size: int, device, splits
 def _run_config(preset: Preset, data: Path) -> dict:
     cfg = dataclasses.asdict(preset.glip)
     cfg["text_vocab"] = ""  # the run folder carries its own vocab.txt
-    config = {"glip": cfg, "image_size": preset.data.image_size, "data": str(Path(data).name)}
+    text = resolve_weights(preset.glip.text_weights) if preset.glip.text_weights else None
+    config = {"glip": cfg, "image_size": preset.data.image_size, "data": fingerprint(data),
+              "upstream": {"text": fingerprint(text) if text else None}}
     return json.loads(json.dumps(config))  # tuples → lists: compares equal to the stored config.json
 
 
@@ -249,7 +252,8 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
         0.1 + 0.45 * (1 + math.cos(math.pi * min(s, total) / total))))
     start, history, elapsed = 0, [], 0.0
     state = load_training(folder / "checkpoint.pt") if resume else None
-    if state is not None and state.get("config") == config:
+    if state is not None:        # a checkpoint of other settings is a RunMismatch, never silently restarted
+        match_run(state["config"], config, folder / "checkpoint.pt")
         restore_training(state, model=model, opt=opt, sched=sched)
         start, history, elapsed = state["epoch"], state["history"], state["elapsed"]
     ddp = wrap_ddp(model, device, find_unused_parameters=True)   # rpn.head.cls_logits never gets a gradient

@@ -8,6 +8,7 @@ run folder that one is writing.
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import secrets
@@ -76,20 +77,76 @@ def write_json(path, obj) -> Path:
     return write_text(path, json.dumps(obj, indent=2))
 
 
-def same_but_epochs(a: dict, b: dict, section: str) -> bool:
-    """Two run configs that differ at most in `section`'s epoch count (a resumable run may be extended)."""
-    strip = lambda c: {**c, section: {k: v for k, v in c[section].items() if k != "epochs"}}  # noqa: E731
-    return strip(a) == strip(b)
+class RunMismatch(ValueError):
+    """A run folder holds a run (finished or not) made with other settings, data or upstream weights."""
+
+
+def _json(obj):
+    return json.loads(json.dumps(obj))
+
+
+def config_diff(stored, wanted, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted field, stored value, wanted value) for every leaf where two JSON-like configs differ."""
+    if isinstance(stored, dict) and isinstance(wanted, dict):
+        return [d for k in sorted(set(stored) | set(wanted), key=str)
+                for d in config_diff(stored.get(k), wanted.get(k), f"{prefix}{k}.")]
+    return [] if stored == wanted else [(prefix.rstrip("."), stored, wanted)]
+
+
+def match_run(stored: dict, wanted: dict, where, section: str | None = None, done: int | None = None) -> str:
+    """How a run found in `where` relates to the one asked for: "same", or "extend" when the two differ only in
+    `section`'s epochs and more than the `done` epochs are asked for (a resumable run is continued). Anything else
+    is a `RunMismatch` naming every differing field: a run is never replaced or shortened unasked."""
+    diff = config_diff(_json(stored), _json(wanted))
+    if not diff:
+        return "same"
+    if section and done is not None and [d[0] for d in diff] == [f"{section}.epochs"] and diff[0][2] > done:
+        return "extend"
+    fields = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff[:6]) + (" ..." if len(diff) > 6 else "")
+    raise RunMismatch(f"{where} holds a run made with other settings ({fields}); pass --no-resume to replace it, "
+                      "or choose another --out")
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+_FINGERPRINTS: dict = {}
+
+
+def fingerprint(path) -> dict | str | None:
+    """What a run's result depends on in an input, as sha256 digests (16 hex digits): a data root's split files
+    ({name: digest}), a weights file, or a weights folder's weight files. None for a missing path. Digests are
+    cached per (file, size, mtime) within a process."""
+    path = Path(path)
+    if not path.exists():
+        return None
+
+    def digest(f: Path) -> str:
+        st = f.stat()
+        key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _FINGERPRINTS:
+            _FINGERPRINTS[key] = sha256_file(f)[:16]
+        return _FINGERPRINTS[key]
+    if path.is_file():
+        return digest(path)
+    data = ("train.json", "val.json", "testA.json", "testB.json", "detection.json", "vocab.txt")
+    names = [n for n in data if (path / n).exists()] or sorted(
+        f.name for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    return {n: digest(path / n) for n in names}
 
 
 def finished_run(folder, config: dict) -> dict | None:
-    """The metrics of a finished run in `folder` (weights, config.json and metrics.json present) whose stored
-    config equals `config`, else None. `config` is compared as JSON stores it (tuples as lists)."""
+    """The metrics of the finished run in `folder` (weights, config.json and metrics.json present) when its stored
+    config equals `config`; None when there is none; a `RunMismatch` naming the fields when it differs."""
     folder = Path(folder)
     if not all((folder / f).exists() for f in ("model.safetensors", "config.json", "metrics.json")):
         return None
-    if json.loads((folder / "config.json").read_text()) != json.loads(json.dumps(config)):
-        return None
+    match_run(json.loads((folder / "config.json").read_text()), config, folder)
     return json.loads((folder / "metrics.json").read_text())
 
 
