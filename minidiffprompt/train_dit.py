@@ -85,7 +85,9 @@ def encode_split(root, split: str, preset: Preset, vae: MaskVAE, encoder: Condit
         raise SystemExit(f"{root}: the {split!r} split has no expressions; run data_prep.py first")
     if max_items:
         dataset = torch.utils.data.Subset(dataset, range(min(max_items, len(dataset))))
-    loader = DataLoader(dataset, batch_size=128, shuffle=False, collate_fn=collate)
+    # its own generator: iterating a DataLoader draws a seed, which must not come from (and shift) the global RNG
+    # that a resumed run has just restored
+    loader = DataLoader(dataset, batch_size=128, shuffle=False, collate_fn=collate, generator=torch.Generator())
     parts = {"mean": [], "std": [], "image_features": [], "text_features": [], "mask": [], "caption": []}
     for batch in progress(loader, desc=f"encode {split}", leave=False):
         posterior = vae.encode(batch["mask"].to(device))                     # q(z | mask), no scaling factor
