@@ -228,3 +228,20 @@ def test_a_run_is_reused_only_on_the_same_data_and_upstream_weights(tmp_path, mo
     first = run_config(preset, preset.prompt, data, out)
     (out / "glip" / "model.safetensors").write_bytes(b"two")
     assert run_config(preset, preset.prompt, data, out)["upstream"]["glip"] != first["upstream"]["glip"]
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("empty refs", "not a readable refs pickle"),
+    ("instances not JSON", "instances.json: not valid JSON"),
+    ("MDETR file not JSON", "finetune_refcoco_val.json: not valid JSON"),
+])
+def test_unreadable_inputs_are_one_line_errors_naming_the_file(raw, tmp_path, fault, message):
+    if fault == "empty refs":
+        (raw / "refcoco" / "refs(unc).p").write_bytes(b"")
+    elif fault == "instances not JSON":
+        (raw / "refcoco" / "instances.json").write_text("{cut sho")
+    else:
+        (raw / "mdetr_annotations" / "finetune_refcoco_val.json").write_text("")
+    with pytest.raises(DataError, match=message):
+        convert(raw, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

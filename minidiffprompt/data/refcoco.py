@@ -58,15 +58,27 @@ class _PlainUnpickler(pickle.Unpickler):
             f"refusing to load {module}.{name}: refs(unc).p must hold only plain lists/dicts/strings/numbers")
 
 
+def read_json(path: Path):
+    """A JSON input file, or a DataError naming it and where it breaks."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e}); is the file complete?") from None
+
+
 def load_refs(path: str | Path) -> list:
     """Read `refs(unc).p` (Python 2 or 3 pickle) with the restricted unpickler."""
     data = Path(path).read_bytes()
     try:
-        refs = _PlainUnpickler(io.BytesIO(data), encoding="utf-8").load()
-    except UnicodeDecodeError:  # Python 2 byte strings that are not UTF-8
-        refs = _PlainUnpickler(io.BytesIO(data), encoding="latin1").load()
+        try:
+            refs = _PlainUnpickler(io.BytesIO(data), encoding="utf-8").load()
+        except UnicodeDecodeError:  # Python 2 byte strings that are not UTF-8
+            refs = _PlainUnpickler(io.BytesIO(data), encoding="latin1").load()
     except pickle.UnpicklingError as e:
         raise DataError(f"{path}: {e}") from None
+    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:   # empty or cut short
+        raise DataError(f"{path}: not a readable refs pickle ({type(e).__name__}: {e}); download the refer "
+                        "toolkit's refs(unc).p again") from None
     if not isinstance(refs, list):
         raise DataError(f"{path}: expected a list of ref dicts (the refer toolkit's format), got {type(refs).__name__}")
     return refs
@@ -126,7 +138,7 @@ def _mdetr_index(mdetr_dir: Path | None) -> dict:
         path = Path(mdetr_dir) / f"finetune_refcoco_{split}.json"
         if not path.exists():
             continue
-        d = json.loads(path.read_text(encoding="utf-8"))
+        d = read_json(path)
         anns = {a["image_id"]: a for a in d.get("annotations", [])}
         for im in d.get("images", []):
             a = anns.get(im.get("id"))
@@ -215,7 +227,7 @@ def convert_refcoco(refer_dir, coco_images, out, mdetr_dir=None, max_bad_fractio
             raise DataError(f"{refer_dir / f} not found: --refer-dir must hold the refer toolkit's refs(unc).p "
                             "and instances.json (e.g. refer/data/refcoco)")
     refs = load_refs(refer_dir / "refs(unc).p")
-    inst = json.loads((refer_dir / "instances.json").read_text(encoding="utf-8"))
+    inst = read_json(refer_dir / "instances.json")
     images = {im["id"]: im for im in inst.get("images", []) if isinstance(im, dict) and "id" in im}
     anns = {a["id"]: a for a in inst.get("annotations", []) if isinstance(a, dict) and "id" in a}
     cats = {c["id"]: c["name"] for c in inst.get("categories", [])}
