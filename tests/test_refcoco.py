@@ -126,6 +126,7 @@ def test_bad_records_are_counted_and_fail_loudly(tmp_path):
     out = tmp_path / "processed"
     out.mkdir()
     (out / "old.txt").write_text("previous output")
+    (out / "made_by.json").write_text("{}")                  # a previous conversion's output: may be replaced
     with pytest.raises(DataError, match="6 of 8 refs are bad"):
         convert_refcoco(refer, imgs, out, **quiet)
     assert (out / "old.txt").read_text() == "previous output"  # nothing written on failure
