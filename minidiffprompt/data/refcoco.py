@@ -221,11 +221,11 @@ def convert_refcoco(refer_dir, coco_images, out, mdetr_dir=None, max_bad_fractio
     0.5 s to the 1,200 synthetic images, about 5 ms per COCO image), "open" (header check) or "none".
     """
     refer_dir, coco_images, out = Path(refer_dir), Path(coco_images), Path(out)
-    check_output(out, [refer_dir, coco_images, mdetr_dir])
     for f in ("refs(unc).p", "instances.json"):
         if not (refer_dir / f).exists():
             raise DataError(f"{refer_dir / f} not found: --refer-dir must hold the refer toolkit's refs(unc).p "
                             "and instances.json (e.g. refer/data/refcoco)")
+    check_output(out, [refer_dir, coco_images, mdetr_dir])
     refs = load_refs(refer_dir / "refs(unc).p")
     inst = read_json(refer_dir / "instances.json")
     images = {im["id"]: im for im in inst.get("images", []) if isinstance(im, dict) and "id" in im}
