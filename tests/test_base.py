@@ -145,6 +145,36 @@ def test_eval_base_writes_the_issue_format(data, tmp_path):
     assert result["referring_expressions"]["all"] == sum(v for k, v in result["referring_expressions"].items()
                                                          if k != "all")
     assert -1 < result["position_R2"]["R2"] <= 1
+    probe = result["colour_probe"]
+    assert set(probe["accuracy"]) == {"pixels", "swin_C3", "fpn_P3", "dyhead_P3"} and probe["colours"] >= 2
+    assert all(0 <= v <= 100 for v in probe["accuracy"].values())
+
+
+def test_the_colour_probe_reads_colour_from_pixels_and_not_from_a_blind_network():
+    """Objects whose only difference is their colour: the pixels tell it perfectly; a network whose features are
+    constant cannot (chance level)."""
+    from minidiffprompt.pretrain.base_eval import colour_probe
+    g = torch.Generator().manual_seed(0)
+    palette = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.1, 0.2, 1.0)}
+    images, boxes, colours = torch.full((40, 3, 32, 32), 0.5), [], []
+    for i in range(40):
+        names = [list(palette)[int(v)] for v in torch.randint(0, 3, (2,), generator=g)]
+        bx = torch.tensor([[2.0, 2.0, 14.0, 14.0], [18.0, 18.0, 30.0, 30.0]])
+        for (x1, y1, x2, y2), n in zip(bx.int().tolist(), names):
+            images[i, :, y1:y2, x1:x2] = torch.tensor(palette[n])[:, None, None]
+        boxes.append(bx), colours.append(names)
+
+    class Blind(torch.nn.Module):          # every feature map constant: nothing about the image survives
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch.nn.Module()
+            self.backbone.body = lambda x: [torch.ones(len(x), 4, 8, 8)] * 4
+            self.backbone.fpn = lambda c: [torch.ones(len(c[0]), 4, 4, 4)] * 5
+            self.rpn = torch.nn.Module()
+            self.rpn.head = torch.nn.Module()
+            self.rpn.head.dyhead_tower = []
+    acc = colour_probe(Blind(), images, boxes, colours)["accuracy"]
+    assert acc["pixels"] == 100.0 and acc["fpn_P3"] < 60 and acc["dyhead_P3"] < 60
 
 
 def test_random_flips_move_boxes_with_the_pixels():
