@@ -7,7 +7,8 @@
 
 Any field of the command's stage configs (see minidiffprompt/config.py) can be set with `--field value`.
 Every stage writes into the run folder (`--out`, default runs/<preset>) and resumes from its last checkpoint
-unless `--no-resume` is given.
+unless `--no-resume` is given; a run made with other settings, data or upstream weights is never reused or
+replaced silently. Errors are one line that names the file or setting; `--debug` shows the traceback.
 """
 from __future__ import annotations
 
@@ -29,13 +30,15 @@ from .data.refcoco import DataError
 COMMANDS = {
     "train-vae": ("train_vae", ("data", "vae"), "stage 1: train the Mask-VAE"),
     "train-dit": ("train_dit", ("data", "dit"), "stage 2: train the DiT prompt generator"),
-    "train-bert": ("pretrain.train_bert", ("data", "bert", "glip"), "pre-train the tiny GLIP's small BERT (masked LM)"),
+    "train-bert": ("pretrain.train_bert", ("data", "bert", "glip"),
+                   "pre-train the tiny GLIP's small BERT (masked LM)"),
     "train-clip": ("pretrain.train_clip", ("data", "clip", "dit"), "train the tiny CLIP-like condition encoder"),
     "train-glip": ("pretrain.train_glip", ("data", "glip"), "pre-train the tiny GLIP on the detection split"),
     "train-prompts": ("train_prompts", ("data", "prompt"), "stage 3: prompt tuning (Diff-Prompt or a baseline)"),
     "evaluate": ("evaluate", ("data", "eval", "prompt"), "R@1 / R@5 / UB on val, testA, testB"),
     "demo": ("demo", ("data", "vae", "dit", "glip", "prompt", "eval"), "the whole tiny pipeline with a report"),
-    "eval-base": ("pretrain.base_eval", ("data", "prompt", "glip"), "the frozen base GLIP: detection, zero-shot referring"),
+    "eval-base": ("pretrain.base_eval", ("data", "prompt", "glip"),
+                  "the frozen base GLIP: detection, zero-shot referring"),
     "bench": ("bench", ("data", "vae", "dit", "glip", "prompt", "eval"), "throughput and memory of every stage"),
 }
 
