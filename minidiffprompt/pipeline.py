@@ -44,7 +44,8 @@ def _stage_path(given: str, out: Path, stage: str, what: str) -> Path:
 
 
 def glip_path(preset: Preset, out: Path) -> Path:
-    """Where the base GLIP comes from: --glip_weights (tiny: the shipped one; paper: the official file), else RUN/glip."""
+    """Where the base GLIP comes from: --glip_weights (tiny: the shipped one; paper: the official file), else
+    RUN/glip."""
     return _stage_path(preset.prompt.glip_weights, out, "glip", "GLIP checkpoint")
 
 
