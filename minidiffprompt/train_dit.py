@@ -262,7 +262,7 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
     state = load_training(stage / "checkpoint.pt") if resume else None
     if state is not None:        # same settings, or more epochs than it reached: resume; else RunMismatch
         match_run(state["config"], wanted, stage / "checkpoint.pt", "dit", state["epoch"] - 1)
-        restore_training(state, generator, model=dit, ema=ema, opt=optimizer)
+        restore_training(state, generator, stage / "checkpoint.pt", model=dit, ema=ema, opt=optimizer)
         start, history, elapsed, steps = state["epoch"], state["history"], state["seconds"], state["steps"]
         if is_main():
             print(f"train-dit: resuming {stage / 'checkpoint.pt'} after epoch {start}")

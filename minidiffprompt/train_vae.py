@@ -151,7 +151,8 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
     state = load_training(stage / "checkpoint.pt") if resume else None
     if state is not None:        # same settings, or more epochs than it reached: resume; else RunMismatch
         match_run(state["config"], wanted, stage / "checkpoint.pt", "vae", state["epoch"] - 1)
-        restore_training(state, generator, model=vae, optimizer=optimizer, scheduler=scheduler)
+        restore_training(state, generator, stage / "checkpoint.pt", model=vae, optimizer=optimizer,
+                         scheduler=scheduler)
         start, history, elapsed = state["epoch"], state["history"], state["seconds"]
         if is_main():
             print(f"train-vae: resuming {stage / 'checkpoint.pt'} after epoch {start}", flush=True)

@@ -245,3 +245,29 @@ def test_unreadable_inputs_are_one_line_errors_naming_the_file(raw, tmp_path, fa
     with pytest.raises(DataError, match=message):
         convert(raw, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_resumed_checkpoint_with_wrong_weights_is_refused(tmp_path, monkeypatch):
+    """A checkpoint whose model weights were stored as integers, or whose optimizer belongs to other parameters,
+    is a CheckpointMismatch naming it, not a silently broken resume."""
+    import torch
+    from minidiffprompt import train_vae
+    from minidiffprompt.config import get_preset
+    from minidiffprompt.utils.checkpoint import CheckpointMismatch
+    g = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(train_vae, "load_mask_tensors",
+                        lambda root, split, size: (torch.rand(8, 1, size, size, generator=g) > 0.7).float())
+    preset = get_preset("tiny")
+    preset.data.mask_size, preset.vae.epochs, preset.vae.batch_size = 32, 1, 8
+    out = tmp_path / "run"
+    train_vae.main(preset, tmp_path / "data", out)
+    ckpt = out / "vae" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    for f in ("model.safetensors", "metrics.json"):              # as if killed before the final files
+        (out / "vae" / f).unlink()
+    torch.save({**state, "model": {k: v.long() for k, v in state["model"].items()}}, ckpt)
+    with pytest.raises(CheckpointMismatch, match="wrongly typed keys"):
+        train_vae.main(preset, tmp_path / "data", out)
+    torch.save({**state, "optimizer": {"state": {}, "param_groups": []}}, ckpt)
+    with pytest.raises(CheckpointMismatch, match="'optimizer' state does not fit"):
+        train_vae.main(preset, tmp_path / "data", out)

@@ -254,7 +254,7 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     state = load_training(folder / "checkpoint.pt") if resume else None
     if state is not None:        # a checkpoint of other settings is a RunMismatch, never silently restarted
         match_run(state["config"], config, folder / "checkpoint.pt")
-        restore_training(state, model=model, opt=opt, sched=sched)
+        restore_training(state, None, folder / "checkpoint.pt", model=model, opt=opt, sched=sched)
         start, history, elapsed = state["epoch"], state["history"], state["elapsed"]
     ddp = wrap_ddp(model, device, find_unused_parameters=True)   # rpn.head.cls_logits never gets a gradient
     rng = random.Random(cfg.seed)

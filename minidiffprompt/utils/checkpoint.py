@@ -257,12 +257,21 @@ def save_training(path, **state) -> Path:
     return atomic_save(state, path)
 
 
-def restore_training(state: dict, generator: torch.Generator | None = None, **stateful) -> None:
+def restore_training(state: dict, generator: torch.Generator | None = None, source="checkpoint", **stateful) -> None:
     """Resume from a `save_training` state: each keyword's object loads `state[keyword]` (model, optimizer,
     scheduler, EMA...); with `generator`, the data-order generator and torch's global RNG are restored too
-    (saved as `shuffle_rng` and `torch_rng`)."""
+    (saved as `shuffle_rng` and `torch_rng`). Strictly: a module's keys, shapes and kinds of dtype must match
+    (`check_state`), and any part that does not fit is a `CheckpointMismatch` naming the file and the part."""
     for name, obj in stateful.items():
-        obj.load_state_dict(state[name])
+        if name not in state:
+            raise CheckpointMismatch(f"{source}: no {name!r} state in it; was it written by this stage?")
+        if isinstance(obj, nn.Module):
+            check_state(obj.state_dict(), state[name], source, f"this run's {name}")
+        try:
+            obj.load_state_dict(state[name])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:   # e.g. an optimizer of other parameters
+            raise CheckpointMismatch(f"{source}: its {name!r} state does not fit this run ({e}); pass --no-resume "
+                                     "to start afresh") from None
     if generator is not None:
         generator.set_state(state["shuffle_rng"])
         torch.set_rng_state(state["torch_rng"])
