@@ -103,6 +103,7 @@ def test_swin_absolute_position_option():
 
 def test_train_bert_recipe_runs_and_loads_into_glip(data, tmp_path):
     from minidiffprompt.pretrain import train_bert
+    from minidiffprompt.glip.bert import load_text_weights
     from minidiffprompt.glip.model import GLIP
     preset = get_preset("tiny")
     preset.bert.steps, preset.bert.batch_size = 20, 16
@@ -111,7 +112,7 @@ def test_train_bert_recipe_runs_and_loads_into_glip(data, tmp_path):
     folder = tmp_path / "bert"
     glip = GLIP(preset.glip, vocab_file=folder / "vocab.txt")
     before = glip.language_backbone.body.model.embeddings.word_embeddings.weight.clone()
-    train_bert.load_text_weights(glip.language_backbone.body.model, folder)
+    load_text_weights(glip.language_backbone.body.model, folder)
     assert not torch.equal(before, glip.language_backbone.body.model.embeddings.word_embeddings.weight)
     assert train_bert.main(preset, data, tmp_path) == metrics          # a finished run is reused
 

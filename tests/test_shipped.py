@@ -48,7 +48,7 @@ def test_shipped_weights_load_strictly():
     from minidiffprompt.glip.bert import build_bert
     from minidiffprompt.config import get_preset
     from minidiffprompt.glip.model import load_glip_checkpoint
-    from minidiffprompt.pretrain.train_bert import load_text_weights
+    from minidiffprompt.glip.bert import load_text_weights
     cfg = get_preset("tiny").glip
     bert: BertModel = build_bert(cfg, ROOT / "tiny_bert" / "vocab.txt")
     load_text_weights(bert, shipped("tiny_bert"))                     # load_strict inside

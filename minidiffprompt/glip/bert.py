@@ -137,3 +137,10 @@ def drop_legacy_bert_keys(state_dict: dict, prefix: str = "language_backbone.bod
     dropped = [k for k in state_dict if k.startswith(prefix)
                and (k[len(prefix):] == "embeddings.position_ids" or k[len(prefix):].startswith("pooler."))]
     return {k: v for k, v in state_dict.items() if k not in dropped}, dropped
+
+
+def load_text_weights(bert, folder) -> None:
+    """Load a `train-bert` folder's weights into a BertModel (the GLIP's `language_backbone.body.model`)."""
+    from ..utils.checkpoint import load_strict, read_state_dict
+    state, _ = drop_legacy_bert_keys(read_state_dict(Path(folder) / "model.safetensors"), prefix="")
+    load_strict(bert, state, source=str(Path(folder) / "model.safetensors"))

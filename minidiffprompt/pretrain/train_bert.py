@@ -130,13 +130,5 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     return metrics
 
 
-def load_text_weights(bert, folder: Path) -> None:
-    """Load a `train-bert` folder's weights into a BertModel (the GLIP's `language_backbone.body.model`)."""
-    from ..utils.checkpoint import load_strict, read_state_dict
-    from ..glip.bert import drop_legacy_bert_keys
-    state, _ = drop_legacy_bert_keys(read_state_dict(Path(folder) / "model.safetensors"), prefix="")
-    load_strict(bert, state, source=str(Path(folder) / "model.safetensors"))
-
-
 if __name__ == "__main__":   # pragma: no cover
     raise SystemExit("run it as: python -m minidiffprompt train-bert --preset tiny")

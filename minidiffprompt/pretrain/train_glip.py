@@ -33,11 +33,11 @@ from ..utils.checkpoint import (finished_run, fingerprint, load_training, match_
 from ..config import Preset
 from ..data.datasets import DetectionDataset, RefExpDataset, collate
 from ..utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed, is_main, rank, world_size, wrap_ddp
+from ..glip.bert import load_text_weights
 from ..glip.model import GLIP, count_parameters
 from ..metrics import evaluate_boxes, recall_at_k
 from ..utils.runtime import command_line, progress, seed_everything
 from .shipped import resolve_weights
-from .train_bert import load_text_weights
 
 
 def class_prompt(names: list[str]) -> tuple[str, dict]:
