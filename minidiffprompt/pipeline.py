@@ -13,6 +13,7 @@ from .config import METHODS, Preset, PromptConfig
 from .prompting import DiffPromptGenerator, LearnablePrompts, freeze
 from .utils.checkpoint import check_state, fingerprint, load_strict, read_state_dict
 
+
 def method_dir(out: Path, cfg: PromptConfig) -> Path:
     return Path(out) / "prompts" / (cfg.method + (f"-{cfg.tag}" if cfg.tag else ""))
 
