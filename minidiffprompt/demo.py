@@ -249,6 +249,7 @@ def write_report(preset: Preset, root: Path, out: Path, results: dict, timings: 
     prompts = {f.name: json.loads((f / "metrics.json").read_text()) for f in sorted((out / "prompts").glob("*"))
                if (f / "metrics.json").exists()}
     first = preset.eval.splits[0]
+    sweep = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").exists() else None
     base, dp = table.get("zeroshot", {}), table.get("diffprompt", {})
     gain = {s: dp[s]["R@1"] - base[s]["R@1"] for s in dp if s in base}
     hit = "GIoU" if preset.eval.use_giou else "IoU"
@@ -256,7 +257,9 @@ def write_report(preset: Preset, root: Path, out: Path, results: dict, timings: 
         "# Diff-Prompt on the synthetic RefCOCO set (tiny preset)", "",
         f"Referring expression comprehension with a frozen tiny GLIP; a hit is {hit} ≥ {preset.eval.iou_threshold} "
         "with the ground-truth box. R@1: top box, R@5: top five, UB: any kept box. Every number is on a held-out "
-        "split (val, testA: round shapes only, testB: angular shapes only); nothing is measured on train.", "",
+        "split (val, testA: round shapes only, testB: angular shapes only); nothing is measured on train."
+        + (f" The learning rate of every method was chosen on the first {sweep['select_items']} val expressions "
+           "(sweep.json); testA and testB took no part in the choice." if sweep else ""), "",
         results_table_markdown({LABELS.get(m, m): v for m, v in table.items()}),
         "Diff-Prompt − zero-shot, R@1: " + ", ".join(f"{s} {g:+.2f}" for s, g in gain.items()) + " points.", "",
         f"R@1 on {first} by expression kind, and each method minus zero-shot on the same expressions (± the "
