@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from minidiffprompt.__main__ import parse_overrides
-from minidiffprompt.utils.checkpoint import (CheckpointMismatch, atomic_save, load_strict, load_training, read_state_dict,
-                                       save_weights)
+from minidiffprompt.utils.checkpoint import (CheckpointMismatch, atomic_save, load_strict, load_training,
+                                             read_state_dict, save_weights)
 from minidiffprompt.config import apply_overrides, get_preset
 
 
