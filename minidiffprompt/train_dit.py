@@ -32,7 +32,7 @@ from .conditions import ConditionEncoder, build_condition_encoder
 from .config import DiTConfig, Preset
 from .diffusion import GaussianDiffusion, get_betas
 from .utils.distributed import (all_reduce_mean, barrier, cleanup, distributed_loader, init_distributed, is_main, rank,
-                          set_epoch, world_size, wrap_ddp)
+                                set_epoch, world_size, wrap_ddp)
 from .dit import DiT, dit_arch, dit_from_config, guided, load_dit
 from .utils.runtime import progress, seed_everything
 from .vae import MaskVAE, load_mask_vae

@@ -30,7 +30,7 @@ from .utils.checkpoint import (fingerprint, load_training, match_run, restore_tr
                                write_json)
 from .config import Preset, VAEConfig
 from .utils.distributed import (all_reduce_mean, barrier, cleanup, distributed_loader, init_distributed, is_main, rank,
-                          set_epoch, world_size, wrap_ddp)
+                                set_epoch, world_size, wrap_ddp)
 from .utils.runtime import loader_kwargs, progress, seed_everything
 from .vae import DiagonalGaussian, MaskVAE, diffusers_config
 

@@ -5,7 +5,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from minidiffprompt.data.datasets import (DetectionDataset, MaskDataset, RefExpDataset, clip_normalize, collate,
-                                 glip_normalize, load_image, load_records, make_loader, rasterize_mask, scale_box)
+                                          glip_normalize, load_image, load_records, make_loader, rasterize_mask,
+                                          scale_box)
 from minidiffprompt.data.synthetic import ensure_synthetic
 from minidiffprompt.data.text import load_tokenizer, positive_map
 

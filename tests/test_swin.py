@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from minidiffprompt.utils.checkpoint import keys_from_tsv
 from minidiffprompt.glip.fpn import FPN, DropBlock2D
 from minidiffprompt.glip.swin import (PatchMerging, SwinBlock, SwinTransformer, merge_2x2, relative_position_index,
-                                 shift_window_mask)
+                                      shift_window_mask)
 
 
 KEYS = Path(__file__).resolve().parent / "fixtures" / "glip_a_tiny_o365.tsv"   # key, shape of the official GLIP-T(A)

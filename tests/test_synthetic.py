@@ -7,7 +7,7 @@ import pytest
 
 from minidiffprompt.data.refcoco import load_refs
 from minidiffprompt.data.synthetic import (CATEGORIES, COLOURS, SIZES, _candidates, ensure_synthetic, generate,
-                                     scene_objects)
+                                           scene_objects)
 from minidiffprompt.data.text import load_tokenizer
 
 N, SIZE = 60, 96
