@@ -68,6 +68,15 @@ def region_features(model, images01: torch.Tensor, boxes: list[torch.Tensor], ba
     return torch.cat(feats_out).double(), torch.cat(centres).double(), torch.cat(owner)
 
 
+def ridge_fit(x: torch.Tensor, y: torch.Tensor, tr: torch.Tensor, ridge: float = 1e-3):
+    """Ridge regression of y on x fitted on the rows `tr`: x standardised with those rows' statistics, a bias
+    column added, penalty ridge × (number of training rows). Returns (the design matrix of every row, weights)."""
+    mu, sd = x[tr].mean(0), x[tr].std(0).clamp(min=1e-8)
+    a = torch.cat([(x - mu) / sd, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    eye = torch.eye(a.shape[1], dtype=x.dtype) * ridge * tr.sum()
+    return a, torch.linalg.solve(a[tr].T @ a[tr] + eye, a[tr].T @ y[tr])
+
+
 def linear_probe_r2(x: torch.Tensor, y: torch.Tensor, owner: torch.Tensor, ridge: float = 1e-3,
                     train_fraction: float = 0.7) -> float:
     """Held-out R² (mean over y's columns) of a ridge regression fitted on the first `train_fraction` of the images
@@ -77,10 +86,7 @@ def linear_probe_r2(x: torch.Tensor, y: torch.Tensor, owner: torch.Tensor, ridge
         raise ValueError(f"the position probe needs at least 4 images with boxes, got {len(images)}")
     cut = images[int(len(images) * train_fraction)]
     tr, te = owner < cut, owner >= cut
-    mu, sd = x[tr].mean(0), x[tr].std(0).clamp(min=1e-8)
-    a = torch.cat([(x - mu) / sd, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-    eye = torch.eye(a.shape[1], dtype=x.dtype) * ridge * tr.sum()
-    w = torch.linalg.solve(a[tr].T @ a[tr] + eye, a[tr].T @ y[tr])
+    a, w = ridge_fit(x, y, tr, ridge)
     resid = ((a[te] @ w - y[te]) ** 2).sum(0)
     total = ((y[te] - y[te].mean(0)) ** 2).sum(0)
     return float((1 - resid / total).mean())
@@ -125,12 +131,7 @@ def colour_probe(model, images01: torch.Tensor, boxes: list[torch.Tensor], colou
     tr, te = owner < cut, owner >= cut
     result = {}
     for name, f in feats.items():
-        x = torch.cat(f)
-        mu, sd = x[tr].mean(0), x[tr].std(0).clamp(min=1e-8)
-        a = torch.cat([(x - mu) / sd, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-        onehot = F.one_hot(y, len(names)).double()
-        w = torch.linalg.solve(a[tr].T @ a[tr] + 1e-3 * tr.sum() * torch.eye(a.shape[1], dtype=x.dtype),
-                               a[tr].T @ onehot[tr])
+        a, w = ridge_fit(torch.cat(f), F.one_hot(y, len(names)).double(), tr)
         result[name] = round(100 * float(((a[te] @ w).argmax(1) == y[te]).double().mean()), 1)
     return {"accuracy": result, "colours": len(names), "objects": len(y)}
 

@@ -12,24 +12,15 @@ names it: the package never runs on altered or truncated weights.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
-from ..utils.checkpoint import CheckpointMismatch, write_json
+from ..utils.checkpoint import CheckpointMismatch, sha256_file, write_json
 
 ROOT = Path(__file__).parent.parent / "pretrained"
 PREFIX = "shipped:"
 FILES = ("model.safetensors", "config.json", "vocab.txt")   # what a shipped folder may hold besides metrics.json
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify(folder: Path) -> Path:
@@ -45,7 +36,7 @@ def verify(folder: Path) -> Path:
         path = folder / name
         if not path.exists():
             raise CheckpointMismatch(f"{path}: missing (the shipped weights are incomplete; reinstall the package)")
-        if path.stat().st_size != want["bytes"] or sha256(path) != want["sha256"]:
+        if path.stat().st_size != want["bytes"] or sha256_file(path) != want["sha256"]:
             raise CheckpointMismatch(
                 f"{path}: does not match its recorded sha256 ({want['sha256'][:12]}…, {want['bytes']} bytes), "
                 "so it was altered or truncated. Reinstall the package, or re-make it with the command recorded in "
@@ -82,6 +73,6 @@ def ship(run: Path, name: str, extra: dict | None = None) -> Path:
     for f in FILES:
         if (run / f).exists():
             shutil.copyfile(run / f, dest / f)
-            files[f] = {"sha256": sha256(dest / f), "bytes": (dest / f).stat().st_size}
+            files[f] = {"sha256": sha256_file(dest / f), "bytes": (dest / f).stat().st_size}
     write_json(dest / "metrics.json", {**metrics, **(extra or {}), "files": files})
     return verify(dest)
