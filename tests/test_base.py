@@ -2,6 +2,7 @@
 Swin's absolute position option, the expression kinds, the linear position probe, and the `eval-base` command."""
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,6 +150,17 @@ def test_eval_base_writes_the_issue_format(data, tmp_path):
     probe = result["colour_probe"]
     assert set(probe["accuracy"]) == {"pixels", "swin_C3", "fpn_P3", "dyhead_P3"} and probe["colours"] >= 2
     assert all(0 <= v <= 100 for v in probe["accuracy"].values())
+    assert -1 <= result["colour_words"]["head"] <= 1 and result["colour_words"]["colours"] == probe["names"]
+
+
+def test_colour_words_compares_the_colour_token_and_nothing_else():
+    """Two captions that differ only in the colour word: one colour twice gives cosine 1, two colours less (it
+    would be 1 too if the measure read any other token of the template)."""
+    from minidiffprompt.pretrain.base_eval import colour_words
+    from minidiffprompt.pipeline import load_glip
+    model = load_glip(get_preset("tiny"), Path("unused"))
+    assert colour_words(model, ["red", "red"])["bert"] == pytest.approx(1.0, abs=1e-3)
+    assert colour_words(model, ["red", "green"])["bert"] < 0.999
 
 
 def test_the_colour_probe_reads_colour_from_pixels_and_not_from_a_blind_network():

@@ -133,7 +133,25 @@ def colour_probe(model, images01: torch.Tensor, boxes: list[torch.Tensor], colou
     for name, f in feats.items():
         a, w = ridge_fit(torch.cat(f), F.one_hot(y, len(names)).double(), tr)
         result[name] = round(100 * float(((a[te] @ w).argmax(1) == y[te]).double().mean()), 1)
-    return {"accuracy": result, "colours": len(names), "objects": len(y)}
+    return {"accuracy": result, "colours": len(names), "names": names, "objects": len(y)}
+
+
+@torch.no_grad()
+def colour_words(model, colours: list[str], template: str = "the small {} star") -> dict:
+    """The text side of colour: how alike the language backbone makes the colour words. Each colour goes into
+    `template`; returns the mean cosine similarity over all pairs of colours of the features at the colour word,
+    as the language backbone outputs them (`bert`) and as the head dots them with the regions (`head`, its τ):
+    near 1 means the head cannot tell "red" from "green" whatever the regions carry."""
+    import torch.nn.functional as F
+    model.eval()
+    captions = [template.format(c) for c in colours]
+    embedded, _ = model.encode_text(captions)                                   # (K, T, D)
+    first = len(model.tokenizer(template.split("{}")[0].strip())["input_ids"]) - 1     # [CLS] + prefix, no [SEP]
+    bert = embedded[:, first]                                                   # (K, D), the colour's first piece
+    head = model.rpn.head.dot_product_projection_text(F.normalize(bert, dim=-1) / 2.0)
+    off = ~torch.eye(len(colours), dtype=torch.bool)
+    mean_cos = lambda v: round(float((F.normalize(v, dim=-1) @ F.normalize(v, dim=-1).T)[off].mean()), 3)  # noqa: E731
+    return {"bert": mean_cos(bert), "head": mean_cos(head), "colours": colours, "template": template}
 
 
 def main(preset: Preset, data: Path, out: Path, probe: bool = False) -> dict:
@@ -166,10 +184,13 @@ def main(preset: Preset, data: Path, out: Path, probe: bool = False) -> dict:
         if all(len(a) == 2 for i in hold for a in targets[i][2]):    # synthetic: [size, colour] per object
             result["colour_probe"] = colour_probe(model, images[hold], [targets[i][0] for i in hold],
                                                   [[a[1] for a in targets[i][2]] for i in hold])
+            result["colour_words"] = colour_words(model, result["colour_probe"]["names"])
     result["seconds"] = round(time.time() - t0, 1)
     print(f"eval-base: detection R@1 {det['R@1']:.1f} ({det['n']} held-out queries); zero-shot referring R@1 on val "
           + ", ".join(f"{k} {v:.1f}" for k, v in result["referring_R@1"].items())
           + (f"; position probe R² {result['position_R2']['R2']:.3f}" if probe else "")
-          + (f"; colour probe accuracy (%) {result['colour_probe']['accuracy']}" if "colour_probe" in result else ""))
+          + (f"; colour probe accuracy (%) {result['colour_probe']['accuracy']}; colour words' mean cosine "
+             f"{result['colour_words']['bert']} (language backbone), {result['colour_words']['head']} (head)"
+             if "colour_probe" in result else ""))
     write_json(out, result)
     return result
