@@ -277,7 +277,8 @@ def write_report(preset: Preset, root: Path, out: Path, results: dict, timings: 
         f"* Mask-VAE: val IoU of the reconstructed masks {stage['vae'].get('val_iou', float('nan')):.3f}.",
         f"* DiT: IoU of DDIM-generated masks with the true mask {stage['dit'].get('val_iou', float('nan')):.3f} "
         f"(with shuffled conditions: {stage['dit'].get('val_iou_shuffled', float('nan')):.3f}; with shuffled "
-        f"captions only: {stage['dit'].get('val_iou_caption_shuffled', float('nan')):.3f}).",
+        f"captions only: {stage['dit'].get('val_iou_caption_shuffled', float('nan')):.3f}; the x̂_0 of the "
+        f"sampler's first step: {stage['dit'].get('val_iou_first_step', float('nan')):.3f}).",
         f"* Base GLIP ({preset.prompt.glip_weights or out / 'glip'}): held-out detection R@1 "
         f"{stage['glip'].get('detection_R@1', float('nan')):.1f}; zero-shot referring R@1 on val by kind: "
         + ", ".join(f"{k} {v:.1f}" for k, v in stage["glip"].get("referring_R@1", {}).items()) + ".", "",

@@ -51,7 +51,8 @@ def test_train_resume_and_reuse(tmp_path, data, monkeypatch):
     assert state["epoch"] == 1 and {"model", "ema", "opt"} <= set(state)
     m2 = train_dit.main(_preset(epochs=2), data, out)           # resumes after epoch 1
     assert m2["epochs"] == 2 and m2["history"][0] == m1["history"][0]
-    assert set(m2) >= {"val_iou", "val_iou_shuffled", "val_iou_caption_shuffled", "train_seconds", "parameters"}
+    assert set(m2) >= {"val_iou", "val_iou_shuffled", "val_iou_caption_shuffled", "val_iou_first_step",
+                       "train_seconds", "parameters"}
     assert train_dit.main(_preset(epochs=2), data, out) == m2  # finished: stored metrics, no training
     arch = dict(input_size=16, patch_size=4, hidden_size=32, depth=1, num_heads=2, cond_dim=32, image_channels=3)
     ema = load_dit(out / "dit" / "model.safetensors", **arch)    # EMA weights, strict
@@ -105,6 +106,7 @@ def test_evaluate_generation_shuffles_conditions():
     assert r["iou"] == pytest.approx(1.0) and r["items"] == n
     assert r["iou_shuffled"] < 0.5
     assert r["iou_caption_shuffled"] == pytest.approx(1.0)   # the fake reads only the image feature
+    assert r["iou_first_step"] == pytest.approx(1.0)         # x̂_0 read at the timestep ε̂ was made for
 
 
 def test_condition_dropout_zeroes_whole_samples():
