@@ -110,14 +110,18 @@ def _check_latent_size(vae: MaskVAE, preset: Preset):
 # Generation and its evaluation
 
 
+def start_noise(dit: DiT, n: int, seed: int = EVAL_SEED) -> torch.Tensor:
+    """The sampler's x_T for n items (N, C, h, w), drawn from `seed`: every figure of one evaluation starts alike."""
+    s = dit.input_size
+    return torch.randn(n, dit.in_channels, s, s, generator=torch.Generator().manual_seed(seed))
+
+
 @torch.no_grad()
 def generate_latents(dit: DiT, diffusion: GaussianDiffusion, image_features, text_features, num_steps: int = 25,
                      seed: int = EVAL_SEED, batch_size: int = 256, keep=None, guidance: float = 1.0):
     """DDIM samples (N, C, h, w) for the given features (noise from `seed`), plus the kept latents per batch."""
     device = next(dit.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    C, s = dit.in_channels, dit.input_size
-    noise = torch.randn(len(image_features), C, s, s, generator=generator)
+    noise = start_noise(dit, len(image_features), seed)
     samples, kept = [], []
     for i in range(0, len(noise), batch_size):
         img = image_features[i:i + batch_size].to(device)
@@ -135,8 +139,7 @@ def first_step_x0(dit: DiT, diffusion: GaussianDiffusion, image_features, text_f
                   seed: int = EVAL_SEED, guidance: float = 1.0, batch_size: int = 256) -> torch.Tensor:
     """x̂_0 = (x_τ - √(1-ᾱ_τ)·ε̂) / √ᾱ_τ at the first DDIM timestep τ, from the start noise of `generate_latents`."""
     device = next(dit.parameters()).device
-    noise = torch.randn(len(image_features), dit.in_channels, dit.input_size, dit.input_size,
-                        generator=torch.Generator().manual_seed(seed))
+    noise = start_noise(dit, len(image_features), seed)
     t_first = ddim_timesteps(diffusion.num_timesteps, num_steps)[-1]
     out = []
     for i in range(0, len(noise), batch_size):
@@ -170,16 +173,19 @@ def evaluate_generation(dit: DiT, vae: MaskVAE, diffusion: GaussianDiffusion, en
     order = torch.empty_like(perm)
     order[perm] = torch.roll(perm, 1)          # one cycle through all items: nobody keeps its own condition
     device = next(vae.parameters()).device
+
+    def iou(z):
+        masks = torch.cat([vae.decode(z[i:i + 256].to(device)).cpu() for i in range(0, n, 256)])   # (N, 1, M, M)
+        return mask_iou(masks, encoded["mask"], threshold).mean().item()
+
     result = {}
     same = torch.arange(n)
     for name, img, txt in (("iou", same, same), ("iou_shuffled", order, order), ("iou_caption_shuffled", same, order)):
         z, _ = generate_latents(dit, diffusion, encoded["image_features"][img], encoded["text_features"][txt],
                                 num_steps, seed, guidance=guidance)
-        masks = torch.cat([vae.decode(z[i:i + 256].to(device)).cpu() for i in range(0, n, 256)])   # (N, 1, M, M)
-        result[name] = mask_iou(masks, encoded["mask"], threshold).mean().item()
-    x0 = first_step_x0(dit, diffusion, encoded["image_features"], encoded["text_features"], num_steps, seed, guidance)
-    masks = torch.cat([vae.decode(x0[i:i + 256].to(device)).cpu() for i in range(0, n, 256)])
-    result["iou_first_step"] = mask_iou(masks, encoded["mask"], threshold).mean().item()
+        result[name] = iou(z)
+    result["iou_first_step"] = iou(first_step_x0(dit, diffusion, encoded["image_features"], encoded["text_features"],
+                                                 num_steps, seed, guidance))
     result["items"] = n
     return result
 
