@@ -135,6 +135,12 @@ class GroundingHead(nn.Module):
             nn.init.zeros_(m.bias)
         nn.init.constant_(self.cls_logits.bias, bias_value)
 
+    def token_side(self, embedded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ê = e/‖e‖ (padding rows stay 0), τ = proj(ê/2) (…, C), b_t = ê·bias_lang + bias0 (…,): what the head
+        dots with the regions, and each token's bias."""
+        e = F.normalize(embedded, p=2, dim=-1)
+        return self.dot_product_projection_text(e / 2.0), (e * self.bias_lang).sum(-1) + self.bias0
+
     def forward(self, feats: list[torch.Tensor], embedded: torch.Tensor) -> dict:
         """feats: P3..P7 (B, C, H_l, W_l); embedded: masked text features (B, T, D).
 
@@ -143,10 +149,7 @@ class GroundingHead(nn.Module):
         """
         for block in self.dyhead_tower:
             feats = block(feats)
-        # token side: ê = e/‖e‖ (padding rows stay 0), τ = proj(ê/2), b_t = ê·bias_lang + bias0
-        e = F.normalize(embedded, p=2, dim=-1)                              # (B, T, D)
-        tau = self.dot_product_projection_text(e / 2.0)                     # (B, T, C)
-        bias_t = (e * self.bias_lang).sum(-1) + self.bias0                  # (B, T)
+        tau, bias_t = self.token_side(embedded)                             # (B, T, C), (B, T)
         logits, deltas, ctr = [], [], []
         for l, g in enumerate(feats):
             deltas.append(rearrange(self.scales[l](self.bbox_pred(g)), "b k h w -> b (h w) k"))

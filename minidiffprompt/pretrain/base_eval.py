@@ -148,9 +148,12 @@ def colour_words(model, colours: list[str], template: str = "the small {} star")
     embedded, _ = model.encode_text(captions)                                   # (K, T, D)
     first = len(model.tokenizer(template.split("{}")[0].strip())["input_ids"]) - 1     # [CLS] + prefix, no [SEP]
     bert = embedded[:, first]                                                   # (K, D), the colour's first piece
-    head = model.rpn.head.dot_product_projection_text(F.normalize(bert, dim=-1) / 2.0)
+    head, _ = model.rpn.head.token_side(bert)                                   # (K, C), the head's τ
     off = ~torch.eye(len(colours), dtype=torch.bool)
-    mean_cos = lambda v: round(float((F.normalize(v, dim=-1) @ F.normalize(v, dim=-1).T)[off].mean()), 3)  # noqa: E731
+
+    def mean_cos(v):
+        v = F.normalize(v, dim=-1)
+        return round(float((v @ v.T)[off].mean()), 3)
     return {"bert": mean_cos(bert), "head": mean_cos(head), "colours": colours, "template": template}
 
 
