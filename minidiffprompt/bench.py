@@ -296,7 +296,7 @@ def build_models(preset: Preset, vocab: Path, device) -> dict:
                   latent_channels=preset.vae.latent_channels, norm_num_groups=preset.vae.norm_num_groups)
     return {"glip": freeze(glip).to(device), "condition": condition.to(device), "vae": vae.to(device),
             "dit": randomize_adaln(dit_from_config(d)).to(device),
-            "diffusion": GaussianDiffusion(get_betas(d.noise_schedule, d.diffusion_steps))}
+            "diffusion": GaussianDiffusion(get_betas(d.noise_schedule, d.diffusion_steps), d.prediction)}
 
 
 def make_batch(preset: Preset, b: int, device, seed: int = 0) -> dict:

@@ -77,6 +77,7 @@ class DiTConfig:
     image_map: bool = False        # tiny option: the image as a map beside x_t instead of a global feature
     diffusion_steps: int = 100
     noise_schedule: str = "linear"  # training schedule: DiT-main/train.py keeps create_diffusion's default
+    prediction: str = "eps"        # what the DiT outputs: "eps" (the authors') or "v" (diffusion.py)
     lr: float = 1e-4
     weight_decay: float = 0.0
     batch_size: int = 128
@@ -93,11 +94,13 @@ class DiTConfig:
 
     @classmethod
     def tiny(cls) -> "DiTConfig":
-        # the condition encoder: the shipped CLIP-like towers (train_clip.py); `--condition tiny` is the hand-built one
+        # the condition encoder: the shipped CLIP-like towers (train_clip.py); `--condition tiny` is the hand-built one.
+        # v-prediction: at the noisiest steps the DiT states the mask itself (diffusion.py), which doubled the IoU of
+        # its samples over ε-prediction at this budget (README)
         return cls(input_size=16, patch_size=4, hidden_size=128, depth=4, num_heads=4, condition="tiny_clip",
                    clip_path="shipped:tiny_clip", cond_dim=128,
                    image_map=True, batch_size=64, epochs=20, lr=3e-3, ema_decay=0.99, cache_latents=True,
-                   posterior_sample=False, x0_weight_cap=20.0)
+                   posterior_sample=False, prediction="v")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -107,9 +107,17 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 
 
 class GaussianDiffusion:
-    """DDPM forward process q, ε-prediction with learned-range variance, MSE + VB loss, and DDIM sampling."""
+    """DDPM forward process q, ε- (or v-) prediction with learned-range variance, MSE + VB loss, and DDIM sampling.
 
-    def __init__(self, betas: np.ndarray):
+    `prediction` names what the model's first C channels estimate: "eps", the noise ε (DDPM, ADM, DiT and the
+    authors), or "v" = √ᾱ_t·ε - √(1-ᾱ_t)·x_0 (Salimans & Ho 2022, "Progressive distillation", §4). Near t = T,
+    where x_t is almost pure noise, v ≈ -x_0: the model states the mask outright instead of a tiny correction to
+    ε̂ ≈ x_t that 1/√ᾱ_t then magnifies. Everything downstream (VB term, DDIM) works on ε̂ = √ᾱ_t·v̂ + √(1-ᾱ_t)·x_t."""
+
+    def __init__(self, betas: np.ndarray, prediction: str = "eps"):
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"prediction={prediction!r}: use 'eps' or 'v'")
+        self.prediction = prediction
         betas = np.asarray(betas, dtype=np.float64)
         assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all(), "betas must be a 1-D array in (0, 1]"
         self.betas = betas                                              # β_t
@@ -148,11 +156,17 @@ class GaussianDiffusion:
         """x̂_0 = √(1/ᾱ_t)·x_t - √(1/ᾱ_t - 1)·ε̂ (DDPM eq. 4 solved for x_0; DDIM eq. 9)."""
         return _gather(self.sqrt_recip_alphas_cumprod, t, xt) * xt - _gather(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
 
+    def eps_from_output(self, out, xt, t):
+        """ε̂ from the model's first C channels: as is for ε-prediction; √ᾱ_t·v̂ + √(1-ᾱ_t)·x_t for v-prediction."""
+        if self.prediction == "eps":
+            return out
+        return _gather(self.sqrt_alphas_cumprod, t, xt) * out + _gather(self.sqrt_one_minus_alphas_cumprod, t, xt) * xt
+
     def p_mean_variance(self, model_output, xt, t):
         """p_θ(x_{t-1}|x_t) from the 2C-channel model output: ε̂ → x̂_0 → mean μ̃_t(x_t, x̂_0); variance from v by
         IDDPM eq. 15, log σ² = v'·log β_t + (1-v')·log β̃_t with v' = (v+1)/2 (learned range)."""
         C = xt.shape[1]
-        eps, v = model_output[:, :C], model_output[:, C:]
+        eps, v = self.eps_from_output(model_output[:, :C], xt, t), model_output[:, C:]
         min_log = _gather(self.posterior_log_variance_clipped, t, xt)
         max_log = _gather(np.log(self.betas), t, xt)
         frac = (v + 1) / 2
@@ -180,15 +194,20 @@ class GaussianDiffusion:
         w_t = clamp((1-ᾱ_t)/ᾱ_t, 1, x0_weight_cap); the default cap 1 gives the authors' w_t = 1. Since
         x_0 - x̂_0 = √((1-ᾱ_t)/ᾱ_t)·(ε̂ - ε), w_t·ε-MSE is the x̂_0 error wherever noise outweighs signal
         (1/SNR > 1), up to the cap. There plain ε-MSE hardly cares where x̂_0 puts the object, so a model can
-        ignore its condition; the weight makes those steps count (`mse` stays the unweighted ε-MSE)."""
+        ignore its condition; the weight makes those steps count (`mse` stays the unweighted ε-MSE).
+        With v-prediction the MSE is ‖v - v̂‖² = ‖ε - ε̂‖²/ᾱ_t (the weight 1/ᾱ_t comes with the target) and
+        L_vb sees ε̂ from v̂."""
         noise = torch.randn_like(x0) if noise is None else noise
         xt = self.q_sample(x0, t, noise)
         out = model_fn(xt, t)                                           # (B, 2C, H, W)
         C = x0.shape[1]
         assert out.shape[1] == 2 * C, f"model must output 2·{C} channels (ε̂ and v), got {out.shape[1]}"
-        eps, v = out[:, :C], out[:, C:]
-        vb = self.vb_terms_bpd(torch.cat([eps.detach(), v], dim=1), x0, xt, t)   # stop-gradient on the mean
-        mse = _mean_flat((noise - eps) ** 2)
+        pred, v = out[:, :C], out[:, C:]
+        target = noise
+        if self.prediction == "v":
+            target = _gather(self.sqrt_alphas_cumprod, t, x0) * noise - _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        vb = self.vb_terms_bpd(torch.cat([pred.detach(), v], dim=1), x0, xt, t)   # stop-gradient on the mean
+        mse = _mean_flat((target - pred) ** 2)
         weight = 1.0
         if x0_weight_cap != 1.0:
             weight = _gather(np.clip(1 / self.alphas_cumprod - 1, 1.0, x0_weight_cap), t, mse)
@@ -233,7 +252,7 @@ class GaussianDiffusion:
             a_t = torch.tensor(abar[i], dtype=torch.float64).to(x.dtype)
             a_prev = torch.tensor(abar_prev[i], dtype=torch.float64).to(x.dtype)
             # 1. ε̂_θ(x_τ, τ): only the first C channels; DDIM does not use the learned variance
-            eps = model_fn(x, t)[:, : x.shape[1]]
+            eps = self.eps_from_output(model_fn(x, t)[:, : x.shape[1]], x, t)
             # 2. predict x_0 (DDIM eq. 12, first term): x̂_0 = (x_τ - √(1-ᾱ_τ)·ε̂) / √ᾱ_τ
             x0_hat = torch.sqrt(1 / a_t) * x - torch.sqrt(1 / a_t - 1) * eps
             # 3. re-derive ε from x̂_0 (equals ε̂; ADM does this after optional clipping)

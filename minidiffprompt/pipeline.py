@@ -73,10 +73,15 @@ def load_generator_parts(preset: Preset, out: Path):
     dit_path = _stage_path(cfg.dit_weights, out, "dit", "DiT")
     d = preset.dit
     dit = load_dit(dit_path, **dit_arch(d))
+    recorded = dit_path / "config.json"      # a `train-dit` folder records its recipe; the authors' files do not
+    trained = json.loads(recorded.read_text()).get("train", {}).get("prediction", "eps") if recorded.exists() else None
+    if trained and trained != d.prediction:
+        raise SystemExit(f"{dit_path}: this DiT was trained with {trained}-prediction but the preset samples with "
+                         f"{d.prediction}-prediction; pass --prediction {trained}")
     # "train": sample with the schedule the DiT was trained on; "squaredcos_cap_v2": the authors' stage-3 sampler,
     # although their DiT-main/train.py trained the DiT on the default linear schedule (a train/sample mismatch)
     schedule = d.noise_schedule if cfg.sampling_schedule == "train" else cfg.sampling_schedule
-    diffusion = GaussianDiffusion(get_betas(schedule, d.diffusion_steps))
+    diffusion = GaussianDiffusion(get_betas(schedule, d.diffusion_steps), d.prediction)
     condition = build_condition_encoder(d)
     return vae, dit, diffusion, condition
 

@@ -66,7 +66,7 @@ def load_stage2(out, preset: Preset, device="cpu", which: str = "ema", sampling_
     dit = dit.to(device).eval().requires_grad_(False)
     vae = load_stage1_vae(out, device)
     schedule = cfg.noise_schedule if sampling_schedule == "train" else sampling_schedule
-    diffusion = GaussianDiffusion(get_betas(schedule, cfg.diffusion_steps))
+    diffusion = GaussianDiffusion(get_betas(schedule, cfg.diffusion_steps), cfg.prediction)
     return dit, vae, diffusion, build_condition_encoder(cfg).to(device)
 
 
@@ -145,8 +145,9 @@ def first_step_x0(dit: DiT, diffusion: GaussianDiffusion, image_features, text_f
     for i in range(0, len(noise), batch_size):
         x = noise[i:i + batch_size].to(device)
         t = torch.full((len(x),), t_first, device=device, dtype=torch.long)
-        eps = guided(dit, image_features[i:i + batch_size].to(device), text_features[i:i + batch_size].to(device),
-                     guidance)(x, t)[:, :dit.in_channels]
+        pred = guided(dit, image_features[i:i + batch_size].to(device), text_features[i:i + batch_size].to(device),
+                      guidance)(x, t)[:, :dit.in_channels]
+        eps = diffusion.eps_from_output(pred, x, t)
         out.append(diffusion.predict_x0_from_eps(x, t, eps).cpu())
     return torch.cat(out)
 
@@ -285,7 +286,7 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
     optimizer = torch.optim.AdamW([p for p in dit.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     model = wrap_ddp(dit, device)              # forward/backward through `model`; EMA and files use `dit`
-    diffusion = GaussianDiffusion(get_betas(cfg.noise_schedule, cfg.diffusion_steps))
+    diffusion = GaussianDiffusion(get_betas(cfg.noise_schedule, cfg.diffusion_steps), cfg.prediction)
     start, history, elapsed, steps = 0, [], 0.0, 0
 
     state = load_training(stage / "checkpoint.pt") if resume else None

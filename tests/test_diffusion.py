@@ -183,3 +183,41 @@ def test_ddim_eta_one_adds_noise_and_eta_zero_is_deterministic():
     b, _ = d.ddim_sample(model_fn, z.shape, noise=z.clone())
     c, _ = d.ddim_sample(model_fn, z.shape, noise=z.clone(), eta=1.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_v_prediction_is_epsilon_prediction_rewritten():
+    """v = √ᾱ·ε - √(1-ᾱ)·x_0: a v-model that states the same ε̂ samples the same DDIM path, its loss is ε-MSE / ᾱ,
+    and diffusers' DDIM with prediction_type="v_prediction" (where installed) agrees step by step."""
+    betas = get_betas("linear", 100)
+    d_eps, d_v = GaussianDiffusion(betas), GaussianDiffusion(betas, prediction="v")
+    eps_fn = _eps_model(d_eps)
+    a = torch.from_numpy(d_eps.sqrt_alphas_cumprod).float()
+    s = torch.from_numpy(d_eps.sqrt_one_minus_alphas_cumprod).float()
+
+    def v_fn(x, t):
+        eps = eps_fn(x, t)[:, :4]
+        at, st = a[t].view(-1, 1, 1, 1), s[t].view(-1, 1, 1, 1)
+        v = at * eps - st * (x - st * eps) / at                       # x̂_0 = (x_t - √(1-ᾱ)·ε̂) / √ᾱ
+        return torch.cat([v, torch.zeros_like(v)], 1)
+
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref, _ = d_eps.ddim_sample(eps_fn, z.shape, noise=z.clone())
+    got, _ = d_v.ddim_sample(v_fn, z.shape, noise=z.clone())
+    assert (got - ref).abs().max() < 1e-4
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(3, 4, 4, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, 4, 4, generator=g, dtype=torch.float64)
+    out, t = torch.randn(3, 8, 4, 4, generator=g, dtype=torch.float64), torch.tensor([0, 40, 99])
+    mse = d_v.training_losses(lambda x, tt: out, x0, t, noise)["mse"]
+    eps_hat = d_v.eps_from_output(out[:, :4], d_v.q_sample(x0, t, noise), t)
+    assert torch.allclose(mse, ((noise - eps_hat) ** 2).mean((1, 2, 3)) / torch.from_numpy(d_v.alphas_cumprod[t.numpy()]))
+    with pytest.raises(ValueError, match="prediction"):
+        GaussianDiffusion(betas, prediction="x0")
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DDIMScheduler(num_train_timesteps=100, trained_betas=betas, timestep_spacing="leading",
+                                    steps_offset=0, set_alpha_to_one=True, prediction_type="v_prediction",
+                                    clip_sample=False)
+    sched.set_timesteps(25)
+    x = z.clone()
+    for step in sched.timesteps:
+        x = sched.step(v_fn(x, torch.full((3,), int(step)))[:, :4], step, x, eta=0.0).prev_sample
+    assert (got - x).abs().max() < 1e-4

@@ -209,3 +209,15 @@ def test_the_long_study_keeps_each_methods_best_learning_rate(tmp_path, monkeypa
         saved = json.loads((out / "prompts" / name / "config.json").read_text())["prompt"]
         assert saved["lr"] == c["lr"] and saved["max_steps"] == 1
     assert preset.prompt.method == "diffprompt" and preset.prompt.tag == ""          # the preset is restored
+
+
+def test_a_dit_trained_with_another_parameterisation_is_refused(tmp_path):
+    import json
+    from minidiffprompt import pipeline
+    preset, _, out = make_run(tmp_path)
+    assert preset.dit.prediction == "v"
+    (out / "dit" / "config.json").write_text(json.dumps({"model_type": "mask_dit", "train": {"prediction": "eps"}}))
+    with pytest.raises(SystemExit, match="--prediction eps"):
+        pipeline.load_generator_parts(preset, out)
+    preset.dit = dataclasses.replace(preset.dit, prediction="eps")
+    assert pipeline.load_generator_parts(preset, out)[2].prediction == "eps"
