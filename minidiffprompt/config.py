@@ -184,16 +184,16 @@ class GLIPConfig:
     @classmethod
     def tiny(cls) -> "GLIPConfig":
         # The stand-in for GLIP-T(A)'s Objects365 pre-training, run once and shipped (minidiffprompt/pretrained/
-        # tiny_glip, with the exact command in its metrics.json). Its language backbone starts from the MLM-pretrained
-        # small BERT (train_bert.py) and is fine-tuned, as GLIP fine-tunes bert-base, at 0.1× the lr: frozen, the
-        # detector learned far more slowly (README). Half of the prompts are attribute phrases, images are flipped,
-        # and Swin's absolute position table is on: at 96 px the zero-padded maps carry little position (README,
-        # position probe).
+        # tiny_glip, with the exact command in its metrics.json). Its language backbone is the MLM-pretrained small
+        # BERT (train_bert.py), kept frozen: fine-tuned, as GLIP fine-tunes bert-base, the detector learned faster but
+        # its colour words merged (README, "Colour"). Half of the prompts are phrases, half of those naming attributes
+        # only ("green"), images are flipped, and Swin's absolute position table is on: at 96 px the zero-padded maps
+        # carry little position (README, position probe).
         return cls(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, drop_path_rate=0.0,
                    fpn_channels=32, fpn_drop_block=0.0, dyhead_blocks=1, anchor_scale=2.0, text_model="",
                    text_hidden=64, text_layers=4, text_heads=2, max_query_len=32, lr=2e-3, head_lr_mult=10.0,
-                   text_weights="shipped:tiny_bert", text_lr_mult=0.1, swin_ape=24, phrase_prompts=0.5,
-                   flip_augment=True, batch_size=16, epochs=60)
+                   text_weights="shipped:tiny_bert", text_lr_mult=0.0, swin_ape=24, phrase_prompts=0.5,
+                   attribute_phrases=0.5, flip_augment=True, batch_size=16, epochs=240)
 
 
 # ----------------------------------------------------------------------------------------------------------------
