@@ -74,7 +74,8 @@ def load_generator_parts(preset: Preset, out: Path):
     d = preset.dit
     dit = load_dit(dit_path, **dit_arch(d))
     recorded = dit_path / "config.json"      # a `train-dit` folder records its recipe; the authors' files do not
-    trained = json.loads(recorded.read_text()).get("train", {}).get("prediction", "eps") if recorded.exists() else None
+    trained = (json.loads(recorded.read_text()).get("train", {}).get("dit", {}).get("prediction", "eps")
+               if recorded.exists() else None)
     if trained and trained != d.prediction:
         raise SystemExit(f"{dit_path}: this DiT was trained with {trained}-prediction but the preset samples with "
                          f"{d.prediction}-prediction; pass --prediction {trained}")

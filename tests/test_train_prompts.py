@@ -213,10 +213,11 @@ def test_the_long_study_keeps_each_methods_best_learning_rate(tmp_path, monkeypa
 
 def test_a_dit_trained_with_another_parameterisation_is_refused(tmp_path):
     import json
-    from minidiffprompt import pipeline
+    from minidiffprompt import pipeline, train_dit
     preset, _, out = make_run(tmp_path)
     assert preset.dit.prediction == "v"
-    (out / "dit" / "config.json").write_text(json.dumps({"model_type": "mask_dit", "train": {"prediction": "eps"}}))
+    eps = dataclasses.replace(preset, dit=dataclasses.replace(preset.dit, prediction="eps"))
+    (out / "dit" / "config.json").write_text(json.dumps({"train": train_dit.run_config(eps)}))   # as train-dit writes it
     with pytest.raises(SystemExit, match="--prediction eps"):
         pipeline.load_generator_parts(preset, out)
     preset.dit = dataclasses.replace(preset.dit, prediction="eps")
