@@ -172,6 +172,7 @@ class GLIPConfig:
     warmup_steps: int = 20
     grad_clip: float = 1.0         # full-model L2 norm (SOLVER.CLIP_GRADIENTS of glip_A_Swin_T_O365.yaml)
     head_lr_mult: float = 1.0      # lr factor of the head's predictors (box deltas ×(10,10,5,5), logit scale)
+    token_lr_mult: float = -1.0    # lr factor of the head's token side (projection, bias_lang); < 0: head_lr_mult
     text_lr_mult: float = 1.0      # lr factor of the language backbone; 0 freezes it
     shuffle_prompt: bool = True    # class names in a random order per sample (no name tied to a position)
     phrase_prompts: float = 0.0    # share of attribute-phrase prompts ("small red circle. star.") in pre-training

@@ -132,6 +132,30 @@ def test_train_glip_recipe_runs_with_phrase_prompts_and_pretrained_text(data, tm
     assert (tmp_path / "glip" / "vocab.txt").read_text() == (tmp_path / "bert" / "vocab.txt").read_text()
 
 
+@pytest.mark.parametrize("token_lr_mult", [-1.0, 1.0])
+def test_glip_pretraining_gives_the_heads_token_side_its_own_step(token_lr_mult):
+    """Every trainable parameter in exactly one group; the word projection and bias_lang at token_lr_mult x lr,
+    or with the head's predictors when token_lr_mult < 0; the frozen language backbone in none."""
+    import dataclasses
+    from minidiffprompt.glip.model import GLIP
+    from minidiffprompt.pretrain.shipped import shipped
+    from minidiffprompt.pretrain.train_glip import param_groups
+    g = dataclasses.replace(get_preset("tiny").glip, text_weights="", text_lr_mult=0.0, token_lr_mult=token_lr_mult)
+    model = GLIP(g, vocab_file=shipped("tiny_glip") / "vocab.txt")
+    model.language_backbone.requires_grad_(False)
+    groups = param_groups(model, g)
+    lr_of = {id(p): grp["lr"] for grp in groups for p in grp["params"]}
+    assert sum(len(grp["params"]) for grp in groups) == len(lr_of)               # no parameter twice
+    names = dict(model.named_parameters())
+    assert {n for n, p in names.items() if id(p) in lr_of} == \
+        {n for n in names if not n.startswith("language_backbone.")}
+    token = g.lr * (token_lr_mult if token_lr_mult >= 0 else g.head_lr_mult)
+    assert lr_of[id(names["rpn.head.dot_product_projection_text.weight"])] == token
+    assert lr_of[id(names["rpn.head.bias_lang"])] == token
+    assert lr_of[id(names["rpn.head.bbox_pred.weight"])] == g.lr * g.head_lr_mult
+    assert lr_of[id(names["backbone.body.patch_embed.proj.weight"])] == g.lr
+
+
 def test_eval_base_writes_the_issue_format(data, tmp_path):
     from minidiffprompt.pretrain import train_glip
     from minidiffprompt.__main__ import main
@@ -147,6 +171,9 @@ def test_eval_base_writes_the_issue_format(data, tmp_path):
     assert result["referring_expressions"]["all"] == sum(v for k, v in result["referring_expressions"].items()
                                                          if k != "all")
     assert -1 < result["position_R2"]["R2"] <= 1
+    levels = result["position_R2"]["by_level"]
+    assert set(levels) <= {"P3", "P4", "P5", "P6", "P7"} and abs(sum(v["share"] for v in levels.values()) - 1) < 0.01
+    assert all(v["R2"] is None or -10 < v["R2"] <= 1 for v in levels.values())
     probe = result["colour_probe"]
     assert set(probe["accuracy"]) == {"pixels", "swin_C3", "fpn_P3", "dyhead_P3"} and probe["colours"] >= 2
     assert all(0 <= v <= 100 for v in probe["accuracy"].values())

@@ -12,8 +12,9 @@ Writes {"detection_R@1", "referring_R@1": {"attribute", "extreme", "relation", "
   referring   the whole val split, zero-shot, by expression kind on the synthetic set (`synthetic.expression_kind`;
               on real data every expression is "all").
 With --probe, also `position_R2`: how well a linear map recovers a box centre from the region features that
-score it (the DyHead output at the box's ATSS positives), on held-out images. GLIP-T(A) has no vision-language
-fusion, so a caption can only pick "the leftmost star" if those features carry where they are. On the synthetic
+score it (the DyHead output at the box's ATSS positives), on held-out images, over all positives and per pyramid
+level. GLIP-T(A) has no vision-language fusion, so a caption can only pick "the leftmost star" if those features
+carry where they are. On the synthetic
 set --probe also measures `colour_probe`: how well each depth of the network (pixels, Swin, FPN, DyHead) still
 tells the object's colour, the attribute most attribute-only expressions turn on.
 """
@@ -41,7 +42,8 @@ def referring_by_kind(model, data: Path, split: str, preset: Preset, device) -> 
 
 @torch.no_grad()
 def region_features(model, images01: torch.Tensor, boxes: list[torch.Tensor], batch_size: int = 16):
-    """(features (P, C), box centres (P, 2) in [0, 1], image index (P,)) at every ATSS positive of every box.
+    """(features (P, C), box centres (P, 2) in [0, 1], image index (P,), pyramid level (P,): 0 = P3) at every ATSS
+    positive of every box.
 
     The features are what the head dots with the token features (`head.GroundingHead`): the DyHead output, level
     by level, flattened in the head's order; ATSS picks the positives exactly as in training (`atss.atss_assign`).
@@ -49,7 +51,7 @@ def region_features(model, images01: torch.Tensor, boxes: list[torch.Tensor], ba
     from ..glip.atss import atss_assign
     model.eval()
     S = images01.shape[-1]
-    feats_out, centres, owner = [], [], []
+    feats_out, centres, owner, level = [], [], [], []
     for k in range(0, len(images01), batch_size):
         x = images01[k:k + batch_size]
         feats = model.backbone.fpn(model.backbone.body(glip_normalize(x)))
@@ -65,7 +67,8 @@ def region_features(model, images01: torch.Tensor, boxes: list[torch.Tensor], ba
             feats_out.append(flat[j, pos])
             centres.append(torch.stack([(g[:, 0] + g[:, 2]) / 2, (g[:, 1] + g[:, 3]) / 2], 1) / S)
             owner.append(torch.full((len(pos),), k + j))
-    return torch.cat(feats_out).double(), torch.cat(centres).double(), torch.cat(owner)
+            level.append(torch.bucketize(pos, torch.tensor([a.shape[0] for a in anchors]).cumsum(0), right=True))
+    return torch.cat(feats_out).double(), torch.cat(centres).double(), torch.cat(owner), torch.cat(level)
 
 
 def ridge_fit(x: torch.Tensor, y: torch.Tensor, tr: torch.Tensor, ridge: float = 1e-3):
@@ -93,8 +96,16 @@ def linear_probe_r2(x: torch.Tensor, y: torch.Tensor, owner: torch.Tensor, ridge
 
 
 def position_probe(model, images01: torch.Tensor, boxes: list[torch.Tensor]) -> dict:
-    x, y, owner = region_features(model, images01, boxes)
-    return {"R2": linear_probe_r2(x, y, owner), "positives": len(x), "images": len(images01)}
+    """Held-out R² over all positives, and level by level (`by_level`, with each level's share of the positives;
+    None where a level has positives in fewer than 4 images): where in the pyramid position survives."""
+    x, y, owner, level = region_features(model, images01, boxes)
+    by_level = {}
+    for lv in range(int(level.max()) + 1):
+        on = level == lv
+        r2 = linear_probe_r2(x[on], y[on], owner[on]) if len(owner[on].unique()) >= 4 else None
+        by_level[f"P{lv + 3}"] = {"R2": r2, "share": round(float(on.double().mean()), 3)}
+    return {"R2": linear_probe_r2(x, y, owner), "by_level": by_level, "positives": len(x),
+            "images": len(images01)}
 
 
 @torch.no_grad()
@@ -191,7 +202,9 @@ def main(preset: Preset, data: Path, out: Path, probe: bool = False) -> dict:
     result["seconds"] = round(time.time() - t0, 1)
     print(f"eval-base: detection R@1 {det['R@1']:.1f} ({det['n']} held-out queries); zero-shot referring R@1 on val "
           + ", ".join(f"{k} {v:.1f}" for k, v in result["referring_R@1"].items())
-          + (f"; position probe R² {result['position_R2']['R2']:.3f}" if probe else "")
+          + (f"; position probe R² {result['position_R2']['R2']:.3f} (" + ", ".join(
+              f"{k} {v['R2']:.2f} at {100 * v['share']:.0f} % of the positives"
+              for k, v in result['position_R2']['by_level'].items() if v['R2'] is not None) + ")" if probe else "")
           + (f"; colour probe accuracy (%) {result['colour_probe']['accuracy']}; colour words' mean cosine "
              f"{result['colour_words']['bert']} (language backbone), {result['colour_words']['head']} (head)"
              if "colour_probe" in result else ""))

@@ -208,6 +208,28 @@ def _run_config(preset: Preset, data: Path) -> dict:
     return json.loads(json.dumps(config))  # tuples → lists: compares equal to the stored config.json
 
 
+def param_groups(model: GLIP, cfg) -> list[dict]:
+    """AdamW groups of GLIP pre-training: the tower at `lr`; the head's predictors at `head_lr_mult` × lr; the
+    head's token side (the projection of the words and `bias_lang`) at `token_lr_mult` × lr (< 0: with the
+    predictors); the language backbone at `text_lr_mult` × lr, left out when 0 (frozen)."""
+    # the predictors on top of the tower (boxes, centerness, logit scale, biases) start tiny and must reach large
+    # outputs (deltas are ×(10,10,5,5)): in a short run from scratch they get a larger step
+    head = {n: p for n, p in model.named_parameters()
+            if n.startswith("rpn.head.") and not n.startswith(("rpn.head.dyhead_tower", "rpn.head.cls_logits"))}
+    token = [p for n, p in head.items() if cfg.token_lr_mult >= 0
+             and n.startswith(("rpn.head.dot_product_projection_text", "rpn.head.bias_lang"))]
+    pred = [p for p in head.values() if all(p is not q for q in token)]
+    text = list(model.language_backbone.parameters())
+    taken = {id(p) for p in pred + token + text}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in taken], "lr": cfg.lr},
+              {"params": pred, "lr": cfg.lr * cfg.head_lr_mult}]
+    if token:
+        groups.append({"params": token, "lr": cfg.lr * cfg.token_lr_mult})
+    if cfg.text_lr_mult > 0:
+        groups.append({"params": text, "lr": cfg.lr * cfg.text_lr_mult})
+    return groups
+
+
 def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     cfg, data, folder = preset.glip, Path(data), Path(out) / "glip"
     config = _run_config(preset, data)
@@ -233,18 +255,9 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     if world_size() > 1:   # a ragged last batch could leave a rank without images: drop it
         steps_per_epoch = max(1, len(train_idx) // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    # the predictors on top of the tower (boxes, centerness, token projection/bias, logit scale) start tiny and
-    # must reach large outputs (deltas are ×(10,10,5,5)): in a short run from scratch they get a larger step
-    pred = [p for n, p in model.named_parameters()
-            if n.startswith("rpn.head.") and not n.startswith(("rpn.head.dyhead_tower", "rpn.head.cls_logits"))]
-    text = list(model.language_backbone.parameters())
     if cfg.text_lr_mult == 0:
         model.language_backbone.requires_grad_(False)   # frozen: GLIP.train() keeps it in eval mode
-    ids = {id(p) for p in pred + text}
-    rest = [p for p in model.parameters() if id(p) not in ids]
-    groups = [{"params": rest}, {"params": pred, "lr": cfg.lr * cfg.head_lr_mult}]
-    if cfg.text_lr_mult > 0:
-        groups.append({"params": text, "lr": cfg.lr * cfg.text_lr_mult})
+    groups = param_groups(model, cfg)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = min(cfg.warmup_steps, max(total // 5, 1))
     # linear warm-up, then cosine decay to 10 %
