@@ -14,9 +14,9 @@ Writes {"detection_R@1", "referring_R@1": {"attribute", "extreme", "relation", "
 With --probe, also `position_R2`: how well a linear map recovers a box centre from the region features that
 score it (the DyHead output at the box's ATSS positives), on held-out images, over all positives and per pyramid
 level. GLIP-T(A) has no vision-language fusion, so a caption can only pick "the leftmost star" if those features
-carry where they are. On the synthetic
-set --probe also measures `colour_probe`: how well each depth of the network (pixels, Swin, FPN, DyHead) still
-tells the object's colour, the attribute most attribute-only expressions turn on.
+carry where they are. On the synthetic set --probe also measures `colour_probe`: how well each depth of the
+network (pixels, Swin, FPN, DyHead) still tells the object's colour, the attribute most attribute-only
+expressions turn on.
 """
 from __future__ import annotations
 
