@@ -58,16 +58,19 @@ def region_features(model, images01: torch.Tensor, boxes: list[torch.Tensor], ba
         for block in model.rpn.head.dyhead_tower:
             feats = block(feats)
         anchors = model.rpn.anchor_generator([tuple(f.shape[-2:]) for f in feats])
+        per_level = [a.shape[0] for a in anchors]
+        ends = torch.tensor(per_level).cumsum(0)                                    # where each level's anchors end
+        all_anchors = torch.cat(anchors)
         flat = torch.cat([f.flatten(2) for f in feats], 2).transpose(1, 2)          # (b, A, C)
         for j in range(len(x)):
             gt = boxes[k + j].float()
-            idx = atss_assign(torch.cat(anchors), [a.shape[0] for a in anchors], gt, model.cfg.atss_topk)
+            idx = atss_assign(all_anchors, per_level, gt, model.cfg.atss_topk)
             pos = torch.nonzero(idx >= 0).squeeze(1)
             g = gt[idx[pos]]
             feats_out.append(flat[j, pos])
             centres.append(torch.stack([(g[:, 0] + g[:, 2]) / 2, (g[:, 1] + g[:, 3]) / 2], 1) / S)
             owner.append(torch.full((len(pos),), k + j))
-            level.append(torch.bucketize(pos, torch.tensor([a.shape[0] for a in anchors]).cumsum(0), right=True))
+            level.append(torch.bucketize(pos, ends, right=True))
     return torch.cat(feats_out).double(), torch.cat(centres).double(), torch.cat(owner), torch.cat(level)
 
 

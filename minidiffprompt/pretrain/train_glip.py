@@ -216,9 +216,10 @@ def param_groups(model: GLIP, cfg) -> list[dict]:
     # outputs (deltas are ×(10,10,5,5)): in a short run from scratch they get a larger step
     head = {n: p for n, p in model.named_parameters()
             if n.startswith("rpn.head.") and not n.startswith(("rpn.head.dyhead_tower", "rpn.head.cls_logits"))}
-    token = [p for n, p in head.items() if cfg.token_lr_mult >= 0
-             and n.startswith(("rpn.head.dot_product_projection_text", "rpn.head.bias_lang"))]
-    pred = [p for p in head.values() if all(p is not q for q in token)]
+    is_token = {n: cfg.token_lr_mult >= 0 and n.startswith(("rpn.head.dot_product_projection_text",
+                                                             "rpn.head.bias_lang")) for n in head}
+    token = [p for n, p in head.items() if is_token[n]]
+    pred = [p for n, p in head.items() if not is_token[n]]
     text = list(model.language_backbone.parameters())
     taken = {id(p) for p in pred + token + text}
     groups = [{"params": [p for p in model.parameters() if id(p) not in taken], "lr": cfg.lr},
