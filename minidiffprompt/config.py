@@ -155,7 +155,10 @@ class GLIPConfig:
     text_heads: int = 12
     text_vocab: str = ""           # vocab.txt of the small BERT built when text_model is "" (tiny: the data root's)
     text_weights: str = ""         # pre-training starts the language backbone from a `train-bert` folder
+    init_weights: str = ""         # pre-training continues a trained GLIP (a train-glip folder, shipped:tiny_glip)
     swin_ape: int = 0              # Swin's absolute position table, its side in patches (0 = off, as GLIP-T(A))
+    swin_sincos: float = 0.0       # scale of a fixed 2-D sine-cosine position table on the patch tokens (0 = off)
+    fpn_sincos: float = 0.0        # the same on every FPN level, cells counted in P3 cells (0 = off)
     max_query_len: int = 256
     num_cls_logits: int = 80       # unused head, kept so the O365 checkpoint loads strictly
     atss_topk: int = 9
@@ -177,6 +180,7 @@ class GLIPConfig:
     shuffle_prompt: bool = True    # class names in a random order per sample (no name tied to a position)
     phrase_prompts: float = 0.0    # share of attribute-phrase prompts ("small red circle. star.") in pre-training
     attribute_phrases: float = 0.0  # share of those phrases naming attributes only ("green": every green object)
+    position_phrases: float = 0.0  # share of those phrases naming the object's half of the image ("left star")
     flip_augment: bool = False     # random left-right / top-bottom flips in pre-training
     holdout_fraction: float = 0.1  # detection images kept out of pre-training for the detection R@1
     eval_max_items: int = 0        # zero-shot referring evaluation: expressions per split (0 = all)

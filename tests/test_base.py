@@ -12,7 +12,7 @@ from minidiffprompt.config import get_preset
 from minidiffprompt.glip.swin import SwinTransformer
 from minidiffprompt.data.synthetic import _candidates, expression_kind, scene_objects
 from minidiffprompt.pretrain.train_bert import mask_tokens
-from minidiffprompt.pretrain.train_glip import make_targets, phrase_prompt
+from minidiffprompt.pretrain.train_glip import MIRROR, halves, make_targets, phrase_prompt
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,35 @@ def test_phrase_prompt_spans_describe_their_boxes():
         for p in phrases:   # the others are negatives: no object has all their words
             if p not in described:
                 assert not any(set(p.split()) <= {c, *a} for c, a in zip(cats, attrs)), p
+
+
+def test_position_phrases_name_the_half_each_box_is_in():
+    """"left star" is a positive of the stars whose centre is in the left half and of no other box; the mirror
+    "top circle" joins the negatives beside "bottom circle" when no circle is at the top; no prompt outgrows its
+    word budget (words and full stops)."""
+    rng = random.Random(0)
+    boxes = torch.tensor([[2.0, 2, 12, 12], [40, 50, 50, 60], [10, 40, 20, 50]])   # S = 64: TL, BR, BL
+    cats, attrs = ["star", "star", "circle"], [["small", "red"], ["small", "red"], ["big", "blue"]]
+    where = [halves(b, 64) for b in boxes]
+    assert where == [["left", "top"], ["right", "bottom"], ["left", "bottom"]]
+    pool = [("small", "red"), ("big", "blue"), ("big", "green")]
+    named, mirrors = set(), 0
+    for _ in range(200):
+        caption, spans = phrase_prompt(cats, attrs, ["star", "circle", "square"], rng, pool, where=where,
+                                       position=0.5)
+        phrases = caption.rstrip(".").split(". ")
+        assert sum(len(p.split()) + 1 for p in phrases) <= 30
+        for c, a, w, box_spans in zip(cats, attrs, where, spans):
+            for b, e in box_spans:
+                assert set(caption[b:e].split()) <= {c, *a, *w}
+        for p in phrases:
+            fit = [set(p.split()) <= {c, *a, *w} for c, a, w in zip(cats, attrs, where)]
+            assert fit == [any(caption[b:e] == p for b, e in s) for s in spans], (p, caption)
+            named |= set(p.split()) & set(MIRROR)
+        if "bottom circle" in phrases:                 # its mirror fits nothing: always a negative beside it
+            assert "top circle" in phrases
+            mirrors += 1
+    assert named == set(MIRROR) and mirrors > 0
 
 
 def test_make_targets_without_attributes_falls_back_to_class_prompts():
@@ -119,7 +148,8 @@ def test_train_bert_recipe_runs_and_loads_into_glip(data, tmp_path):
 
 
 def test_train_glip_recipe_runs_with_phrase_prompts_and_pretrained_text(data, tmp_path):
-    """The shipped GLIP's recipe (MLM BERT, phrase prompts, Swin position table) for a few steps."""
+    """The shipped GLIP's recipe (MLM BERT, phrase prompts, Swin position table), then its continuation with
+    position phrases, for a few steps each."""
     from minidiffprompt.pretrain import train_bert, train_glip
     preset = get_preset("tiny")
     preset.bert.steps, preset.bert.batch_size = 5, 8
@@ -130,6 +160,13 @@ def test_train_glip_recipe_runs_with_phrase_prompts_and_pretrained_text(data, tm
     metrics = train_glip.main(preset, data, tmp_path)
     assert metrics["history"][0]["loss_token"] > 0 and "command" in metrics
     assert (tmp_path / "glip" / "vocab.txt").read_text() == (tmp_path / "bert" / "vocab.txt").read_text()
+    # its second step continues that GLIP with position phrases; at lr 0 the continued weights are the loaded ones
+    from minidiffprompt.glip.model import load_glip_checkpoint
+    g.init_weights, g.position_phrases, g.lr = str(tmp_path / "glip"), 0.75, 0.0
+    train_glip.main(preset, data, tmp_path / "continued")
+    before = load_glip_checkpoint(tmp_path / "glip").state_dict()
+    after = load_glip_checkpoint(tmp_path / "continued" / "glip").state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 @pytest.mark.parametrize("token_lr_mult", [-1.0, 1.0])
@@ -225,8 +262,8 @@ def test_random_flips_move_boxes_with_the_pixels():
     box = inclusive_boxes(torch.tensor([[20.0, 4.0, 30.0, 10.0]]), (px, px), S)
     seen = set()
     for seed in range(12):
-        out, tg = random_flips(img, [{"boxes": box, "spans": []}], [(px, px)], random.Random(seed))
-        x1, y1, x2, y2 = tg[0]["boxes"][0].tolist()
+        out, boxes = random_flips(img, [box], [(px, px)], random.Random(seed))
+        x1, y1, x2, y2 = boxes[0][0].tolist()
         on = out[0, 0].nonzero()
         assert (on[:, 1].min(), on[:, 0].min()) == (round(x1), round(y1))          # continuous x1 = first pixel
         assert (on[:, 1].max() + 1 - px, on[:, 0].max() + 1 - px) == (x2, y2)      # inclusive x2 = last − pixel

@@ -186,3 +186,23 @@ def test_fpn_against_functional_computation_and_dropblock():
     assert torch.equal(db.eval()(x), x)
     y = db.train()(x)
     assert (y == 0).any() and torch.isclose(y.sum(), torch.tensor(x.numel(), dtype=y.dtype))
+
+
+def test_sincos_position_tables_add_a_fixed_code_and_no_parameters():
+    """The table is DiT's 2-D sine-cosine table (dit.get_2d_sincos_pos_embed) on a square grid; on the FPN it is
+    added to every level, counted in P3 cells; neither option adds a parameter, so weights trained without load."""
+    from einops import rearrange
+    from minidiffprompt.dit import get_2d_sincos_pos_embed
+    from minidiffprompt.glip.swin import sincos_table
+    torch.testing.assert_close(sincos_table(32, 6, 6), torch.from_numpy(get_2d_sincos_pos_embed(32, 6)).float())
+    torch.manual_seed(0)
+    plain, coded = FPN((8, 16, 32), 8).eval(), FPN((8, 16, 32), 8, sincos=0.5).eval()
+    coded.load_state_dict(plain.state_dict())
+    c = [torch.randn(1, 4, 16, 16), torch.randn(1, 8, 8, 8), torch.randn(1, 16, 4, 4), torch.randn(1, 32, 2, 2)]
+    for level, (a, b) in enumerate(zip(plain(c), coded(c))):
+        h, w = a.shape[-2:]
+        table = rearrange(sincos_table(8, h, w, scale=2 ** level), "(h w) c -> c h w", h=h)
+        torch.testing.assert_close(b - a, 0.5 * table.expand_as(a))
+    swin = SwinTransformer(embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=4, sincos=1.0)
+    assert swin.state_dict().keys() == SwinTransformer(embed_dim=8, depths=(1, 1), num_heads=(1, 2),
+                                                       window_size=4).state_dict().keys()

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
+
+from .swin import sincos_table
 
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
@@ -60,8 +63,9 @@ class FPN(nn.Module):
     """Lateral 1x1 + top-down nearest upsampling + 3x3 output convs, then P6/P7 (no norm, no activation)."""
 
     def __init__(self, in_channels_list=(192, 384, 768), out_channels: int = 256, drop_block_prob: float = 0.3,
-                 drop_block_size: int = 3):
+                 drop_block_size: int = 3, sincos: float = 0.0):
         super().__init__()
+        self.sincos = sincos
         # levels are numbered like the checkpoint: fpn_inner2 takes C3 (the Swin stage i=1), ..., fpn_inner4 C5
         self.levels = list(range(2, 2 + len(in_channels_list)))
         for level, cin in zip(self.levels, in_channels_list):
@@ -80,4 +84,12 @@ class FPN(nn.Module):
             inner = lateral + F.interpolate(inner, size=lateral.shape[-2:], mode="nearest")  # L4, then L3
             # DropBlock acts on what the output conv sees, not on the top-down path
             results.insert(0, getattr(self, f"fpn_layer{level}")(self.drop_block(inner)))
-        return results + self.top_blocks(results[-1])
+        results += self.top_blocks(results[-1])
+        if self.sincos:
+            # a fixed 2-D sine-cosine code of each cell's centre, in P3 cells, on every level (DETR's position
+            # encoding of detection features; not part of GLIP-T(A))
+            H3 = results[0].shape[-2]
+            results = [r + self.sincos * rearrange(
+                sincos_table(r.shape[1], *r.shape[-2:], scale=H3 / r.shape[-2]).to(r),
+                "(h w) c -> c h w", h=r.shape[-2]) for r in results]
+        return results

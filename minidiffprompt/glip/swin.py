@@ -14,6 +14,7 @@ official GLIP checkpoint loads strictly (key manifest: `tests/fixtures/glip_a_ti
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
@@ -225,13 +226,25 @@ class SwinStage(nn.Module):
 # Backbone
 
 
+def sincos_table(dim: int, H: int, W: int, scale: float = 1.0) -> torch.Tensor:
+    """(H·W, dim) 2-D sine-cosine position table in row-major token order: half the channels code the column, half
+    the row, each as [sin(p·ω_k), cos(p·ω_k)] with ω_k = 10000^(−k/(dim/4)) and p the cell index × `scale`
+    (MAE's and DiT's `get_2d_sincos_pos_embed`, dit.py, extended to H ≠ W and coarser grids)."""
+    from ..dit import get_1d_sincos_pos_embed_from_grid
+    rows, cols = np.meshgrid(np.arange(H, dtype=np.float64), np.arange(W, dtype=np.float64), indexing="ij")
+    rows, cols = rows * scale, cols * scale
+    return torch.from_numpy(np.concatenate([get_1d_sincos_pos_embed_from_grid(dim // 2, cols),
+                                            get_1d_sincos_pos_embed_from_grid(dim // 2, rows)], 1)).float()
+
+
 class SwinTransformer(nn.Module):
     """Swin v1 returning the four stage outputs [C2, C3, C4, C5] as (B, C, H, W) maps (GLIP's `SwinTransformer`)."""
 
     def __init__(self, patch_size: int = 4, embed_dim: int = 96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
                  window_size: int = 7, mlp_ratio: float = 4.0, drop_path_rate: float = 0.2, out_norms: bool = True,
-                 ape_grid: int = 0):
+                 ape_grid: int = 0, sincos: float = 0.0):
         super().__init__()
+        self.sincos = sincos
         self.embed_dim, self.depths = embed_dim, tuple(depths)
         self.num_features = [embed_dim * 2 ** i for i in range(len(depths))]
         self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
@@ -241,6 +254,9 @@ class SwinTransformer(nn.Module):
         self.absolute_pos_embed = nn.Parameter(torch.zeros(1, embed_dim, ape_grid, ape_grid)) if ape_grid else None
         if ape_grid:
             nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
+        # A fixed 2-D sine-cosine table × `sincos` added to the patch tokens (the position code of ViT-style models
+        # such as MAE and DiT; not part of GLIP-T(A)): a random learned table is a code a linear read-out cannot
+        # decode, the sine-cosine one holds each coordinate in a few smooth channels.
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # 0.2*g/11 for global block g
         begin = [sum(depths[:i]) for i in range(len(depths))]
         self.layers = nn.ModuleList([
@@ -292,6 +308,8 @@ class SwinTransformer(nn.Module):
         if self.absolute_pos_embed is not None:
             pos = F.interpolate(self.absolute_pos_embed, size=(H, W), mode="bicubic", align_corners=False)
             x = x + rearrange(pos, "1 c h w -> 1 (h w) c")
+        if self.sincos:
+            x = x + self.sincos * sincos_table(self.embed_dim, H, W).to(x)
         outs, g = [], 0
         for i, stage in enumerate(self.layers):
             C = self.num_features[i]

@@ -8,8 +8,8 @@ every train image is paired with a prompt and all its boxes, and the whole detec
 grounding loss (GLIP paper §3.1; `atss.grounding_losses`). A prompt is either the class prompt ("star. circle. ...",
 all categories, in a random order per sample so that no name is tied to a token position) or, with probability
 `phrase_prompts`, a list of attribute phrases with negatives ("small red circle. star. blue square.", the
-stand-in for GLIP's grounding data; `phrase_prompt`). Images are flipped at random (`flip_augment`): no prompt
-names a position. The language backbone starts from `text_weights` (the MLM-pretrained small BERT of
+stand-in for GLIP's grounding data; `phrase_prompt`), some of whose phrases name the half of the image the
+object is in (`position_phrases`: "left star"). Images are flipped at random (`flip_augment`). The language backbone starts from `text_weights` (the MLM-pretrained small BERT of
 train_bert.py) and trains at `text_lr_mult` × lr (0 freezes it). A few detection images are held out.
 Afterwards the model is frozen and evaluated zero-shot:
   detection  R@1 when the prompt names a category that occurs exactly once in a held-out image;
@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 
-from ..utils.checkpoint import (finished_run, fingerprint, load_training, match_run, restore_training, save_training,
-                                write_run)
+from ..utils.checkpoint import (RunMismatch, finished_run, fingerprint, load_training, match_run, restore_training,
+                                save_training, write_run)
 from ..config import Preset
 from ..data.datasets import DetectionDataset, RefExpDataset, collate
 from ..utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed, is_main, rank, world_size, wrap_ddp
 from ..glip.bert import load_text_weights
-from ..glip.model import GLIP, count_parameters
+from ..glip.model import GLIP, count_parameters, load_glip_checkpoint
 from ..metrics import evaluate_boxes, recall_at_k
 from ..utils.runtime import command_line, progress, seed_everything
 from .shipped import resolve_weights
@@ -81,9 +81,19 @@ def holdout_indices(n: int, fraction: float) -> tuple[list[int], list[int]]:
     return list(range(n - n_hold)), list(range(n - n_hold, n))
 
 
+MIRROR = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+
+
+def halves(box, size: int) -> list[str]:
+    """The position words true of a box: the half of the image its centre lies in, across and down."""
+    cx, cy = (float(box[0]) + float(box[2])) / 2, (float(box[1]) + float(box[3])) / 2
+    return ["left" if cx < size / 2 else "right", "top" if cy < size / 2 else "bottom"]
+
+
 def phrase_prompt(cats: list[str], attrs: list[list[str]], categories: list[str], rng: random.Random,
-                  attribute_sets: list[tuple], max_phrases: int = 7,
-                  attribute_only: float = 0.0) -> tuple[str, list[list]]:
+                  attribute_sets: list[tuple], max_phrases: int = 7, attribute_only: float = 0.0,
+                  where: list[list[str]] | None = None, position: float = 0.0,
+                  max_words: int = 30) -> tuple[str, list[list]]:
     """A grounding prompt of noun phrases ("small red circle. star. blue square.") and, per box, the spans of the
     phrases that describe it (every word of the phrase is the box's category or one of its attributes).
 
@@ -91,39 +101,56 @@ def phrase_prompt(cats: list[str], attrs: list[list[str]], categories: list[str]
     object, its attribute words a random subset of the object's, and negative phrases that describe no object of the
     image, in a random order. A share `attribute_only` of the phrases keep their attribute words alone ("green"),
     which then describe every object that has them: each attribute word learns its own visual meaning, not only as
-    part of one shape's phrase. Without attribute annotations (real COCO) the phrases are the category names.
+    part of one shape's phrase. A share `position` of the phrases also name the half of the image the object is in
+    ("left star", "bottom small circle"; `where` lists each object's true words, `halves`), as grounding data
+    names places ("the man on the left"), and the same phrase with the opposite word ("right star") joins the
+    negatives when it fits no object: the region features must then say where they are. The prompt keeps at most
+    `max_words` words and full stops, the positive phrases first. Without attribute annotations (real COCO) the
+    phrases are the category names.
     """
-    described = list(zip(cats, attrs))
+    where = where or [[] for _ in cats]
+    described = list(zip(cats, attrs, where))
 
-    def describe(c, a):
-        words = [w for w in a if rng.random() < 0.6]
+    def describe(c, a, w):
+        words = [x for x in a if rng.random() < 0.6]
         if words and attribute_only and rng.random() < attribute_only:
             return " ".join(words)                # "green": every green object, whatever its shape
+        if w and position and rng.random() < position:
+            words = [rng.choice(w)] + words       # "left small star": every small star in the left half
         return " ".join(words + [c])
-    fits = lambda phrase, c, a: set(phrase.split()) <= {c, *a}                      # noqa: E731
-    phrases = [describe(c, a) for c, a in described]
+    fits = lambda phrase, c, a, w: set(phrase.split()) <= {c, *a, *w}             # noqa: E731
+    phrases = [describe(c, a, w) for c, a, w in described]
+    mirrored = [" ".join([MIRROR[p.split()[0]]] + p.split()[1:]) for p in phrases if p.split()[0] in MIRROR]
+    phrases += [p for p in mirrored if not any(fits(p, *d) for d in described)]
     for _ in range(40):                       # negatives: phrases that fit no object of the image
         if len(set(phrases)) >= max_phrases:
             break
-        phrase = describe(rng.choice(categories), rng.choice(attribute_sets))
-        if not any(fits(phrase, c, a) for c, a in described):
+        phrase = describe(rng.choice(categories), rng.choice(attribute_sets), list(MIRROR) if position else [])
+        if not any(fits(phrase, *d) for d in described):
             phrases.append(phrase)
-    phrases = list(dict.fromkeys(phrases))[:max_phrases]
-    rng.shuffle(phrases)
-    caption, spans = class_prompt(phrases)
-    return caption, [[spans[p] for p in phrases if fits(p, c, a)] for c, a in described]
+    kept, words = [], 0
+    for p in dict.fromkeys(phrases):
+        words += len(p.split()) + 1
+        if len(kept) == max_phrases or words > max_words:
+            break
+        kept.append(p)
+    rng.shuffle(kept)
+    caption, spans = class_prompt(kept)
+    return caption, [[spans[p] for p in kept if fits(p, *d)] for d in described]
 
 
 def make_targets(targets, categories, rng: random.Random, shuffle: bool = True, phrases: float = 0.0,
-                 attribute_only: float = 0.0):
+                 attribute_only: float = 0.0, position: float = 0.0, size: int = 0):
     """A prompt per image and the GLIP targets pointing at each box's words: with probability `phrases` a phrase
-    prompt (`phrase_prompt`), else the class prompt with every category name (in a random order)."""
+    prompt (`phrase_prompt`; a share `position` of its phrases name the box's half of the `size`-px image), else
+    the class prompt with every category name (in a random order)."""
     attribute_sets = sorted({tuple(a) for _, _, attrs in targets for a in attrs if a})
     captions, out = [], []
     for boxes, cats, attrs in targets:
         if attribute_sets and rng.random() < phrases:
+            where = [halves(b, size) for b in boxes] if position else None
             caption, box_spans = phrase_prompt(cats, attrs, list(categories), rng, attribute_sets,
-                                               attribute_only=attribute_only)
+                                               attribute_only=attribute_only, where=where, position=position)
         else:
             names = list(categories)
             if shuffle:
@@ -135,21 +162,21 @@ def make_targets(targets, categories, rng: random.Random, shuffle: bool = True, 
     return captions, out
 
 
-def random_flips(images: torch.Tensor, targets: list[dict], pixels: list[tuple[float, float]], rng: random.Random):
+def random_flips(images: torch.Tensor, boxes: list[torch.Tensor], pixels: list[tuple[float, float]],
+                 rng: random.Random):
     """Flip each image left-right and/or top-bottom (probability ½ each) with its inclusive boxes: a pixel at x goes
-    to S − pixel width − x (and y to S − pixel height − y). Label-preserving while the prompts name no positions
-    (pre-training prompts never do)."""
+    to S − pixel width − x (and y to S − pixel height − y)."""
     S = images.shape[-1]
     images, out = images.clone(), []
-    for b, (t, (px, py)) in enumerate(zip(targets, pixels)):
-        boxes = t["boxes"].clone()
+    for b, (bx, (px, py)) in enumerate(zip(boxes, pixels)):
+        bx = bx.clone()
         if rng.random() < 0.5:
             images[b] = images[b].flip(-1)
-            boxes[:, [0, 2]] = S - px - boxes[:, [2, 0]]
+            bx[:, [0, 2]] = S - px - bx[:, [2, 0]]
         if rng.random() < 0.5:
             images[b] = images[b].flip(-2)
-            boxes[:, [1, 3]] = S - py - boxes[:, [3, 1]]
-        out.append({**t, "boxes": boxes})
+            bx[:, [1, 3]] = S - py - bx[:, [3, 1]]
+        out.append(bx)
     return images, out
 
 
@@ -203,8 +230,9 @@ def _run_config(preset: Preset, data: Path) -> dict:
     cfg = dataclasses.asdict(preset.glip)
     cfg["text_vocab"] = ""  # the run folder carries its own vocab.txt
     text = resolve_weights(preset.glip.text_weights) if preset.glip.text_weights else None
+    init = resolve_weights(preset.glip.init_weights) if preset.glip.init_weights else None
     config = {"glip": cfg, "image_size": preset.data.image_size, "data": fingerprint(data),
-              "upstream": {"text": fingerprint(text) if text else None}}
+              "upstream": {"text": fingerprint(text) if text else None, "init": fingerprint(init) if init else None}}
     return json.loads(json.dumps(config))  # tuples → lists: compares equal to the stored config.json
 
 
@@ -242,8 +270,13 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     S = preset.data.image_size
     text = resolve_weights(cfg.text_weights) if cfg.text_weights else None   # an MLM-pretrained small BERT
     vocab = text / "vocab.txt" if text else data / "vocab.txt"
-    model = GLIP(dataclasses.replace(cfg, text_vocab="", text_weights=""), vocab_file=vocab)
-    if text:
+    model = GLIP(dataclasses.replace(cfg, text_vocab="", text_weights="", init_weights=""), vocab_file=vocab)
+    if cfg.init_weights:         # continue a trained GLIP: the same architecture and vocabulary, loaded strictly
+        init = resolve_weights(cfg.init_weights)
+        if (init / "vocab.txt").read_text() != vocab.read_text():
+            raise RunMismatch(f"{init}: its vocab.txt differs from {vocab}; continue it with its own text weights")
+        model.load_state_dict(load_glip_checkpoint(init, cfg).state_dict())
+    elif text:
         load_text_weights(model.language_backbone.body.model, text)
     model.to(device)
 
@@ -281,14 +314,21 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
         sums, bar = {}, progress(range(steps_per_epoch), desc=f"glip epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            captions, tg = make_targets([targets[i] for i in idx], categories, rng, cfg.shuffle_prompt,
-                                        cfg.phrase_prompts, cfg.attribute_phrases)
-            # the whole global batch's prompts (the same rng draws on every rank), then this rank's share
+            # the whole global batch's flips and prompts (the same rng draws on every rank), then this rank's share;
+            # position words must describe the flipped image, so then the flips come first (without them the
+            # prompts do, the order the shipped GLIP was trained in)
+            batch, raw, px = images[idx], [targets[i] for i in idx], [pixels[i] for i in idx]
+            flip_first = cfg.flip_augment and cfg.position_phrases > 0
+            if flip_first:
+                batch, boxes = random_flips(batch, [t[0] for t in raw], px, rng)
+                raw = [(b, *t[1:]) for b, t in zip(boxes, raw)]
+            captions, tg = make_targets(raw, categories, rng, cfg.shuffle_prompt, cfg.phrase_prompts,
+                                        cfg.attribute_phrases, cfg.position_phrases, S)
+            if cfg.flip_augment and not flip_first:
+                batch, boxes = random_flips(batch, [t["boxes"] for t in tg], px, rng)
+                tg = [{**t, "boxes": b} for t, b in zip(tg, boxes)]
             share = slice(rank(), None, world_size())
-            idx, captions, tg = idx[share], captions[share], tg[share]
-            batch = images[idx]
-            if cfg.flip_augment:
-                batch, tg = random_flips(batch, tg, [pixels[i] for i in idx], rng)
+            batch, captions, tg = batch[share], captions[share], tg[share]
             tg = [{"boxes": t["boxes"].to(device), "spans": t["spans"]} for t in tg]
             losses = ddp(batch.to(device), captions, targets=tg)
             loss = sum(losses.values())
