@@ -208,6 +208,7 @@ def test_eval_base_writes_the_issue_format(data, tmp_path):
     assert result["referring_expressions"]["all"] == sum(v for k, v in result["referring_expressions"].items()
                                                          if k != "all")
     assert -1 < result["position_R2"]["R2"] <= 1
+    assert result["position_words"]["n"] > 0 and 0 <= result["position_words"]["R@1"] <= 100
     levels = result["position_R2"]["by_level"]
     assert set(levels) <= {"P3", "P4", "P5", "P6", "P7"} and abs(sum(v["share"] for v in levels.values()) - 1) < 0.01
     assert all(v["R2"] is None or -10 < v["R2"] <= 1 for v in levels.values())

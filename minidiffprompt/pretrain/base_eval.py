@@ -14,7 +14,8 @@ Writes {"detection_R@1", "referring_R@1": {"attribute", "extreme", "relation", "
 With --probe, also `position_R2`: how well a linear map recovers a box centre from the region features that
 score it (the DyHead output at the box's ATSS positives), on held-out images, over all positives and per pyramid
 level. GLIP-T(A) has no vision-language fusion, so a caption can only pick "the leftmost star" if those features
-carry where they are. On the synthetic set --probe also measures `colour_probe`: how well each depth of the
+carry where they are; `position_words` is the R@1 of phrases naming a half of the image ("left star") among
+objects of the same shape, which the head can only get right if it reads them. On the synthetic set --probe also measures `colour_probe`: how well each depth of the
 network (pixels, Swin, FPN, DyHead) still tells the object's colour, the attribute most attribute-only
 expressions turn on.
 """
@@ -112,6 +113,33 @@ def position_probe(model, images01: torch.Tensor, boxes: list[torch.Tensor]) -> 
 
 
 @torch.no_grad()
+def position_words(model, images01: torch.Tensor, targets, batch_size: int = 64) -> dict:
+    """R@1 (IoU ≥ 0.5) of half-image phrases ("left star", "bottom circle"; `train_glip.halves`) on images where the
+    named half holds exactly one object of that shape and the other half at least one more: whether the head reads
+    position words at all. A head blind to them picks among the shapes by other cues (about one in two)."""
+    from .train_glip import halves
+    from ..metrics import recall_at_k
+    S = images01.shape[-1]
+    queries = []
+    for i, (boxes, cats, _) in enumerate(targets):
+        where = [halves(b, S) for b in boxes]
+        for axis in (0, 1):
+            for j, c in enumerate(cats):
+                same = [k for k, ck in enumerate(cats) if ck == c]
+                if len(same) >= 2 and [k for k in same if where[k][axis] == where[j][axis]] == [j]:
+                    queries.append((i, f"{where[j][axis]} {c}", boxes[j]))
+    if not queries:
+        return {"R@1": None, "n": 0}
+    model.eval()
+    preds = []
+    for k in range(0, len(queries), batch_size):
+        q = queries[k:k + batch_size]
+        dets = model(images01[[i for i, _, _ in q]], [p for _, p, _ in q], spans=[[[0, len(p)]] for _, p, _ in q])
+        preds += [d["boxes"].cpu() for d in dets]
+    return {"R@1": 100.0 * recall_at_k(preds, torch.stack([g for _, _, g in queries]), k=1), "n": len(queries)}
+
+
+@torch.no_grad()
 def colour_probe(model, images01: torch.Tensor, boxes: list[torch.Tensor], colours: list[list[str]],
                  batch_size: int = 16) -> dict:
     """Where the colour of an object is lost: held-out accuracy (percent) of a linear classifier of the object's
@@ -198,6 +226,7 @@ def main(preset: Preset, data: Path, out: Path, probe: bool = False) -> dict:
               "referring_R@1": {k: v for k, v in ref.items() if k != "n"}, "referring_expressions": ref["n"]}
     if probe:
         result["position_R2"] = position_probe(model.cpu(), images[hold], [targets[i][0] for i in hold])
+        result["position_words"] = position_words(model, images[hold], [targets[i] for i in hold])
         if all(len(a) == 2 for i in hold for a in targets[i][2]):    # synthetic: [size, colour] per object
             result["colour_probe"] = colour_probe(model, images[hold], [targets[i][0] for i in hold],
                                                   [[a[1] for a in targets[i][2]] for i in hold])
@@ -207,7 +236,10 @@ def main(preset: Preset, data: Path, out: Path, probe: bool = False) -> dict:
           + ", ".join(f"{k} {v:.1f}" for k, v in result["referring_R@1"].items())
           + (f"; position probe R² {result['position_R2']['R2']:.3f} (" + ", ".join(
               f"{k} {v['R2']:.2f} at {100 * v['share']:.0f} % of the positives"
-              for k, v in result['position_R2']['by_level'].items() if v['R2'] is not None) + ")" if probe else "")
+              for k, v in result['position_R2']['by_level'].items() if v['R2'] is not None) + ")"
+             + (f"; half-image phrases R@1 {result['position_words']['R@1']:.1f} ({result['position_words']['n']})"
+                if result['position_words']['n'] else "")
+             if probe else "")
           + (f"; colour probe accuracy (%) {result['colour_probe']['accuracy']}; colour words' mean cosine "
              f"{result['colour_words']['bert']} (language backbone), {result['colour_words']['head']} (head)"
              if "colour_probe" in result else ""))
