@@ -86,8 +86,8 @@ class FPN(nn.Module):
             results.insert(0, getattr(self, f"fpn_layer{level}")(self.drop_block(inner)))
         results += self.top_blocks(results[-1])
         if self.sincos:
-            # a fixed 2-D sine-cosine code of each cell's centre, in P3 cells, on every level (DETR's position
-            # encoding of detection features; not part of GLIP-T(A))
+            # a fixed 2-D sine-cosine code of where each cell lies, counted in P3 cells, on every level (as DETR
+            # codes the position of its detection features; not part of GLIP-T(A))
             H3 = results[0].shape[-2]
             results = [r + self.sincos * rearrange(
                 sincos_table(r.shape[1], *r.shape[-2:], scale=H3 / r.shape[-2]).to(r),

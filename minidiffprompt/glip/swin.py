@@ -244,6 +244,9 @@ class SwinTransformer(nn.Module):
                  window_size: int = 7, mlp_ratio: float = 4.0, drop_path_rate: float = 0.2, out_norms: bool = True,
                  ape_grid: int = 0, sincos: float = 0.0):
         super().__init__()
+        # a fixed 2-D sine-cosine table × `sincos` added to the patch tokens (the position code of MAE and DiT; not
+        # part of GLIP-T(A)): unlike a randomly initialised learned table, it holds each coordinate in a few smooth
+        # channels that a linear read-out decodes
         self.sincos = sincos
         self.embed_dim, self.depths = embed_dim, tuple(depths)
         self.num_features = [embed_dim * 2 ** i for i in range(len(depths))]
@@ -254,9 +257,6 @@ class SwinTransformer(nn.Module):
         self.absolute_pos_embed = nn.Parameter(torch.zeros(1, embed_dim, ape_grid, ape_grid)) if ape_grid else None
         if ape_grid:
             nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
-        # A fixed 2-D sine-cosine table × `sincos` added to the patch tokens (the position code of ViT-style models
-        # such as MAE and DiT; not part of GLIP-T(A)): a random learned table is a code a linear read-out cannot
-        # decode, the sine-cosine one holds each coordinate in a few smooth channels.
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # 0.2*g/11 for global block g
         begin = [sum(depths[:i]) for i in range(len(depths))]
         self.layers = nn.ModuleList([

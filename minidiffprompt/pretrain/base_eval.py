@@ -15,9 +15,9 @@ With --probe, also `position_R2`: how well a linear map recovers a box centre fr
 score it (the DyHead output at the box's ATSS positives), on held-out images, over all positives and per pyramid
 level. GLIP-T(A) has no vision-language fusion, so a caption can only pick "the leftmost star" if those features
 carry where they are; `position_words` is the R@1 of phrases naming a half of the image ("left star") among
-objects of the same shape, which the head can only get right if it reads them. On the synthetic set --probe also measures `colour_probe`: how well each depth of the
-network (pixels, Swin, FPN, DyHead) still tells the object's colour, the attribute most attribute-only
-expressions turn on.
+objects of the same shape, which the head can only get right if it reads them. On the synthetic set --probe also
+measures `colour_probe`: how well each depth of the network (pixels, Swin, FPN, DyHead) still tells the object's
+colour, the attribute most attribute-only expressions turn on.
 """
 from __future__ import annotations
 
