@@ -230,9 +230,10 @@ def _run_config(preset: Preset, data: Path) -> dict:
     cfg = dataclasses.asdict(preset.glip)
     cfg["text_vocab"] = ""  # the run folder carries its own vocab.txt
     text = resolve_weights(preset.glip.text_weights) if preset.glip.text_weights else None
-    init = resolve_weights(preset.glip.init_weights) if preset.glip.init_weights else None
     config = {"glip": cfg, "image_size": preset.data.image_size, "data": fingerprint(data),
-              "upstream": {"text": fingerprint(text) if text else None, "init": fingerprint(init) if init else None}}
+              "upstream": {"text": fingerprint(text) if text else None}}
+    if preset.glip.init_weights:     # a continued GLIP: the weights it starts from are upstream too
+        config["upstream"]["init"] = fingerprint(resolve_weights(preset.glip.init_weights))
     return json.loads(json.dumps(config))  # tuples → lists: compares equal to the stored config.json
 
 
