@@ -14,6 +14,8 @@ official GLIP checkpoint loads strictly (key manifest: `tests/fixtures/glip_a_ti
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -226,10 +228,12 @@ class SwinStage(nn.Module):
 # Backbone
 
 
+@functools.lru_cache(maxsize=32)
 def sincos_table(dim: int, H: int, W: int, scale: float = 1.0) -> torch.Tensor:
     """(H·W, dim) 2-D sine-cosine position table in row-major token order: half the channels code the column, half
     the row, each as [sin(p·ω_k), cos(p·ω_k)] with ω_k = 10000^(−k/(dim/4)) and p the cell index × `scale`
-    (MAE's and DiT's `get_2d_sincos_pos_embed`, dit.py, extended to H ≠ W and coarser grids)."""
+    (MAE's and DiT's `get_2d_sincos_pos_embed`, dit.py, extended to H ≠ W and coarser grids). Cached: the same
+    few grids come back at every forward pass; callers add it, never write into it."""
     from ..dit import get_1d_sincos_pos_embed_from_grid
     rows, cols = np.meshgrid(np.arange(H, dtype=np.float64), np.arange(W, dtype=np.float64), indexing="ij")
     rows, cols = rows * scale, cols * scale

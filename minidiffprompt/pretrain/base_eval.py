@@ -117,8 +117,7 @@ def position_words(model, images01: torch.Tensor, targets, batch_size: int = 64)
     """R@1 (IoU ≥ 0.5) of half-image phrases ("left star", "bottom circle"; `train_glip.halves`) on images where the
     named half holds exactly one object of that shape and the other half at least one more: whether the head reads
     position words at all. A head blind to them picks among the shapes by other cues (about one in two)."""
-    from .train_glip import halves
-    from ..metrics import recall_at_k
+    from .train_glip import halves, query_recall
     S = images01.shape[-1]
     queries = []
     for i, (boxes, cats, _) in enumerate(targets):
@@ -127,16 +126,12 @@ def position_words(model, images01: torch.Tensor, targets, batch_size: int = 64)
             for j, c in enumerate(cats):
                 same = [k for k, ck in enumerate(cats) if ck == c]
                 if len(same) >= 2 and [k for k in same if where[k][axis] == where[j][axis]] == [j]:
-                    queries.append((i, f"{where[j][axis]} {c}", boxes[j]))
+                    phrase = f"{where[j][axis]} {c}"
+                    queries.append((i, phrase, [[0, len(phrase)]], boxes[j]))
     if not queries:
         return {"R@1": None, "n": 0}
-    model.eval()
-    preds = []
-    for k in range(0, len(queries), batch_size):
-        q = queries[k:k + batch_size]
-        dets = model(images01[[i for i, _, _ in q]], [p for _, p, _ in q], spans=[[[0, len(p)]] for _, p, _ in q])
-        preds += [d["boxes"].cpu() for d in dets]
-    return {"R@1": 100.0 * recall_at_k(preds, torch.stack([g for _, _, g in queries]), k=1), "n": len(queries)}
+    r1, n = query_recall(model, images01, queries, next(model.parameters()).device, batch_size)
+    return {"R@1": r1, "n": n}
 
 
 @torch.no_grad()

@@ -9,8 +9,9 @@ grounding loss (GLIP paper §3.1; `atss.grounding_losses`). A prompt is either t
 all categories, in a random order per sample so that no name is tied to a token position) or, with probability
 `phrase_prompts`, a list of attribute phrases with negatives ("small red circle. star. blue square.", the
 stand-in for GLIP's grounding data; `phrase_prompt`), some of whose phrases name the half of the image the
-object is in (`position_phrases`: "left star"). Images are flipped at random (`flip_augment`). The language backbone starts from `text_weights` (the MLM-pretrained small BERT of
-train_bert.py) and trains at `text_lr_mult` × lr (0 freezes it). A few detection images are held out.
+object is in (`position_phrases`: "left star"). Images are flipped at random (`flip_augment`). The language
+backbone starts from `text_weights` (the MLM-pretrained small BERT of train_bert.py) and trains at
+`text_lr_mult` × lr (0 freezes it). A few detection images are held out.
 Afterwards the model is frozen and evaluated zero-shot:
   detection  R@1 when the prompt names a category that occurs exactly once in a held-out image;
   referring  R@1 / R@5 / UB on the synthetic RefCOCO splits (caption = the expression, score = mean probability
@@ -185,22 +186,27 @@ def random_flips(images: torch.Tensor, boxes: list[torch.Tensor], pixels: list[t
 
 
 @torch.no_grad()
-def detection_recall(model: GLIP, images: torch.Tensor, targets, categories, device, batch_size: int = 64) -> dict:
-    """R@1 (IoU ≥ 0.5) when the prompt names a category that occurs exactly once in the image."""
+def query_recall(model: GLIP, images: torch.Tensor, queries, device, batch_size: int = 64) -> tuple[float, int]:
+    """The top box of each query (image index, caption, phrase spans, true box), in batches; → (R@1 in percent at
+    IoU ≥ 0.5, number of queries)."""
     model.eval()
-    caption, spans = class_prompt(list(categories))
-    queries = [(i, boxes[j], c) for i, (boxes, cats, _) in enumerate(targets) for j, c in enumerate(cats)
-               if cats.count(c) == 1]
-    preds, gts = [], []
+    preds = []
     for k in range(0, len(queries), batch_size):
         q = queries[k:k + batch_size]
-        dets = model(images[[i for i, _, _ in q]].to(device), [caption] * len(q),
-                     spans=[[spans[c]] for _, _, c in q])
+        dets = model(images[[i for i, *_ in q]].to(device), [c for _, c, _, _ in q], spans=[s for _, _, s, _ in q])
         preds += [d["boxes"].cpu() for d in dets]
-        gts += [g for _, g, _ in q]
-    if not gts:
+    return 100.0 * recall_at_k(preds, torch.stack([g for *_, g in queries]), k=1), len(queries)
+
+
+def detection_recall(model: GLIP, images: torch.Tensor, targets, categories, device, batch_size: int = 64) -> dict:
+    """R@1 (IoU ≥ 0.5) when the prompt names a category that occurs exactly once in the image."""
+    caption, spans = class_prompt(list(categories))
+    queries = [(i, caption, [spans[c]], boxes[j]) for i, (boxes, cats, _) in enumerate(targets)
+               for j, c in enumerate(cats) if cats.count(c) == 1]
+    if not queries:
         return {"R@1": 0.0, "n": 0}
-    return {"R@1": 100.0 * recall_at_k(preds, torch.stack(gts), k=1), "n": len(gts)}
+    r1, n = query_recall(model, images, queries, device, batch_size)
+    return {"R@1": r1, "n": n}
 
 
 @torch.no_grad()
