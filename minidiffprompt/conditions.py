@@ -98,15 +98,18 @@ class TinyConditionEncoder(ConditionEncoder):
     (which word stands where), divided by √n. Everything comes from `seed`, so the same words always give the
     same feature and nothing needs a vocabulary or a download.
 
-    With `map_size` > 0 the image feature is instead the image itself, area-resized to map_size² and centred
-    ((x − 0.5)·4, RGB): a (B, 3, map_size, map_size) map for a DiT with `image_map` (dit.py), which lets every
-    latent patch see what lies under it.
+    With `map_size` > 0 the image feature is instead the image itself, area-resized to (map_size·k)² and centred
+    ((x − 0.5)·4, RGB), each k×k block of pixels stacked into channels (space-to-depth, k = `map_pixels`): a
+    (B, 3k², map_size, map_size) map for a DiT with `image_map` (dit.py), which lets every latent patch see what
+    lies under it, at k times the latent grid's resolution.
     """
 
     def __init__(self, dim: int = 128, grid: int = 8, buckets: int = 4096, max_words: int = 16,
-                 decay: float = 0.7, seed: int = 0, scale: float = 5.0, map_size: int = 0):
+                 decay: float = 0.7, seed: int = 0, scale: float = 5.0, map_size: int = 0, map_pixels: int = 1,
+                 tokens: bool = False):
         super().__init__()
-        self.scale, self.map_size = scale, map_size
+        self.tokens = tokens
+        self.scale, self.map_size, self.map_pixels = scale, map_size, map_pixels
         g = torch.Generator().manual_seed(seed)
         self.dim, self.grid, self.buckets, self.max_words, self.decay = dim, grid, buckets, max_words, decay
         n_in = 2 * grid * grid
@@ -126,12 +129,20 @@ class TinyConditionEncoder(ConditionEncoder):
         device = self.image_proj.device
         images01 = images01.to(device, torch.float32)
         if self.map_size:
-            img = (F.adaptive_avg_pool2d(images01, self.map_size) - 0.5) * 4     # (B, 3, s, s)
+            k = self.map_pixels
+            img = (F.adaptive_avg_pool2d(images01, self.map_size * k) - 0.5) * 4   # (B, 3, s·k, s·k)
+            img = rearrange(img, "b c (h p) (w q) -> b (c p q) h w", p=k, q=k)     # (B, 3k², s, s)
         else:
             r, g, b = images01.unbind(1)
             opponent = torch.stack([r - g, b - (r + g) / 2], dim=1) * 2          # (B, 2, H, W), grey → 0
             cells = F.adaptive_avg_pool2d(opponent, self.grid)                   # (B, 2, g, g)
             img = rearrange(cells, "b c h w -> b (c h w)") @ self.image_proj * self.scale   # (B, dim)
+        if self.tokens:       # one vector per word, in order; zero rows pad to max_words (the DiT reads the order)
+            txt = torch.zeros(len(captions), self.max_words, self.dim, device=device)
+            for b, caption in enumerate(captions):
+                ids = self.word_ids(caption)
+                txt[b, :len(ids)] = self.word_vectors[torch.tensor(ids, device=device, dtype=torch.long)]
+            return img, txt
         txt = torch.zeros(len(captions), self.dim, device=device)
         for b, caption in enumerate(captions):
             ids = self.word_ids(caption)
@@ -182,7 +193,7 @@ def map_channels(cfg) -> int:
         import json
         from .pretrain.shipped import resolve_weights
         return json.loads((resolve_weights(cfg.clip_path) / "config.json").read_text())["arch"]["map_channels"]
-    return 3
+    return 3 * cfg.map_pixels ** 2
 
 
 def build_condition_encoder(cfg) -> ConditionEncoder:
@@ -193,7 +204,9 @@ def build_condition_encoder(cfg) -> ConditionEncoder:
             raise ValueError("image_map needs a tiny condition encoder (CLIP gives one global image feature)")
         enc = CLIPConditionEncoder(cfg.clip_path)
     elif cfg.condition == "tiny":
-        enc = TinyConditionEncoder(dim=cfg.cond_dim, seed=0, map_size=cfg.input_size if cfg.image_map else 0)
+        enc = TinyConditionEncoder(dim=cfg.cond_dim, seed=0, map_size=cfg.input_size if cfg.image_map else 0,
+                                   map_pixels=cfg.map_pixels, max_words=cfg.caption_tokens or 16,
+                                   tokens=cfg.caption_tokens > 0)
     elif cfg.condition == "tiny_clip":
         enc = LearnedConditionEncoder(cfg.clip_path, image_map=cfg.image_map)
     else:

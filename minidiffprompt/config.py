@@ -75,6 +75,8 @@ class DiTConfig:
     clip_path: str = "openai/clip-vit-base-patch32"  # local folder or HF-cache name; never downloaded
     cond_dim: int = 512
     image_map: bool = False        # tiny option: the image as a map beside x_t instead of a global feature
+    map_pixels: int = 1            # its resolution: k×k pixels per latent cell, stacked into 3k² channels
+    caption_tokens: int = 0        # tiny option: the caption as up to that many word tokens in the DiT's sequence
     diffusion_steps: int = 100
     noise_schedule: str = "linear"  # training schedule: DiT-main/train.py keeps create_diffusion's default
     prediction: str = "eps"        # what the DiT outputs: "eps" (the authors') or "v" (diffusion.py)

@@ -90,9 +90,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x, keep=None):
+        """keep: optional (B, N) bool, the tokens that may be attended to (False: padding)."""
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        x = F.scaled_dot_product_attention(q, k, v)     # softmax(q kᵀ/√d) v, (B, h, N, d)
+        mask = None if keep is None else keep[:, None, None, :]
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)     # softmax(q kᵀ/√d) v, (B, h, N, d)
         return self.proj(rearrange(x, "b h n d -> b n (h d)"))
 
 
@@ -121,9 +123,9 @@ class DiTBlock(nn.Module):
         # the condition is 2·hidden wide (image half + text half): 1024 adaLN inputs at hidden 512
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size or 2 * hidden_size, 6 * hidden_size))
 
-    def forward(self, x, c):
+    def forward(self, x, c, keep=None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), keep)
         x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -146,7 +148,7 @@ class DiT(nn.Module):
     """Diffusion model with a Transformer backbone, conditioned on (image feature, caption feature)."""
 
     def __init__(self, input_size=28, patch_size=2, in_channels=4, hidden_size=512, depth=12, num_heads=8,
-                 mlp_ratio=4.0, learn_sigma=True, cond_dim=512, image_channels=0):
+                 mlp_ratio=4.0, learn_sigma=True, cond_dim=512, image_channels=0, caption_tokens=0):
         super().__init__()
         if cond_dim != hidden_size:
             # the features are *added* to the timestep embedding, so they must have its width (512 for CLIP B/32)
@@ -163,6 +165,13 @@ class DiT(nn.Module):
         # 0: the authors' global image feature. > 0 (a tiny-preset option, not the paper's): the image comes as a
         # map of that many channels on the latent grid, concatenated to x_t before the patch embedding
         self.image_channels = image_channels
+        # > 0 (a tiny-preset option, not the paper's): the caption comes as up to that many word vectors, which join
+        # the patch tokens in one sequence (in-context conditioning, Peebles & Xie 2023, §3.2); all-zero = padding
+        self.caption_tokens = caption_tokens
+        if caption_tokens:
+            self.caption_embedder = nn.Linear(cond_dim, hidden_size)
+            pos = get_1d_sincos_pos_embed_from_grid(hidden_size, np.arange(caption_tokens, dtype=np.float64))
+            self.register_buffer("caption_pos", torch.from_numpy(pos).float(), persistent=False)   # word order
 
         self.x_embedder = PatchEmbed(patch_size, in_channels + image_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -213,13 +222,19 @@ class DiT(nn.Module):
         image_channels the image feature is a (B, image_channels, H, W) map instead."""
         if self.image_channels:                                   # spatial condition: each token sees its image patch
             x = torch.cat([x, image_features.to(x.dtype)], dim=1)
-            image_features = torch.zeros_like(text_features)      # the adaLN condition keeps only the caption
+            image_features = x.new_zeros(len(x), self.pos_embed.shape[-1])   # the adaLN condition keeps the caption
         x = self.x_embedder(x) + self.pos_embed                   # (B, N, D)
         t_emb = self.t_embedder(t)                                # (B, D)
+        n, keep = x.shape[1], None
+        if self.caption_tokens:                                   # words join the sequence; the adaLN keeps t only
+            words = text_features.to(x.dtype)                     # (B, L, D), all-zero rows are padding
+            keep = torch.cat([torch.ones_like(x[..., 0], dtype=torch.bool), words.abs().sum(-1) > 0], dim=1)
+            x = torch.cat([x, self.caption_embedder(words) + self.caption_pos[:words.shape[1]]], dim=1)
+            text_features = torch.zeros_like(t_emb)
         c = torch.cat([image_features + t_emb, text_features + t_emb], dim=1).to(x.dtype)   # (B, 2D)
         for block in self.blocks:
-            x = block(x, c)                                       # (B, N, D)
-        x = self.final_layer(x, c)                                # (B, N, p·p·out_channels)
+            x = block(x, c, keep)                                 # (B, N (+L), D)
+        x = self.final_layer(x[:, :n], c)                         # (B, N, p·p·out_channels)
         return self.unpatchify(x)                                 # (B, out_channels, H, W)
 
 
@@ -293,7 +308,7 @@ def dit_arch(cfg) -> dict:
     from .conditions import map_channels
     return dict(input_size=cfg.input_size, patch_size=cfg.patch_size, in_channels=4, hidden_size=cfg.hidden_size,
                 depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, learn_sigma=cfg.learn_sigma,
-                cond_dim=cfg.cond_dim, image_channels=map_channels(cfg))
+                cond_dim=cfg.cond_dim, image_channels=map_channels(cfg), caption_tokens=cfg.caption_tokens)
 
 
 def dit_from_config(cfg) -> DiT:

@@ -215,7 +215,7 @@ def drop_conditions(image_features, text_features, p: float, generator: torch.Ge
         return image_features, text_features
     keep = (torch.rand(len(text_features), generator=generator) >= p).to(text_features.device)
     return (image_features * keep.view(-1, *[1] * (image_features.dim() - 1)).to(image_features.dtype),
-            text_features * keep[:, None].to(text_features.dtype))
+            text_features * keep.view(-1, *[1] * (text_features.dim() - 1)).to(text_features.dtype))
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ import torch
 
 from minidiffprompt.conditions import CLIPConditionEncoder, TinyConditionEncoder, build_condition_encoder
 from minidiffprompt.config import DiTConfig
+from minidiffprompt.dit import dit_arch
 
 
 def _byte_chars():
@@ -117,6 +118,22 @@ def test_tiny_encoder_image_map():
     assert torch.allclose(img[1, :, 1, 2], (cell - 0.5) * 4, atol=1e-5)
     with pytest.raises(ValueError, match="tiny condition encoder"):
         build_condition_encoder(dataclasses.replace(cfg, condition="clip"))
+    # map_pixels k: the image at k times the grid's resolution, each k×k block stacked into channels
+    fine = dataclasses.replace(cfg, map_pixels=3)
+    img3, _ = build_condition_encoder(fine).encode(images, ["the red circle", "the big square"])
+    assert img3.shape == (2, 27, cfg.input_size, cfg.input_size) and dit_arch(fine)["image_channels"] == 27
+    pixel = images[1, :, 8:10, 14:16].mean(dim=(1, 2))               # cell (1, 2), its sub-block (1, 1) of 3×3
+    assert torch.allclose(img3[1, [4, 13, 22], 1, 2], (pixel - 0.5) * 4, atol=1e-5)
+
+
+def test_tiny_encoder_caption_tokens():
+    """caption_tokens: one hashed word vector per word, in order, zero rows as padding."""
+    cfg = dataclasses.replace(DiTConfig.tiny(), condition="tiny", caption_tokens=5)
+    enc = build_condition_encoder(cfg)
+    _, txt = enc.encode(torch.rand(2, 3, 96, 96), ["the red circle", "circle the"])
+    assert txt.shape == (2, 5, cfg.cond_dim)
+    torch.testing.assert_close(txt[0, :3].norm(dim=1), torch.ones(3))
+    assert torch.equal(txt[1, :2], txt[0, [2, 0]]) and not txt[0, 3:].any() and not txt[1, 2:].any()
 
 
 def test_learned_encoder_recipe_and_its_features(tmp_path):

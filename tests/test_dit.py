@@ -142,6 +142,27 @@ def test_image_map_condition_is_local():
     assert diff.max() == 0
 
 
+def test_caption_tokens_join_the_sequence_and_padding_is_ignored():
+    """caption_tokens: the words enter as tokens beside the patches. All-zero rows are padding (more of them
+    change nothing), the word order matters, and guidance's null condition (zero features) works on them."""
+    torch.manual_seed(0)
+    m = _randomize(DiT(**TINY, image_channels=3, caption_tokens=6)).eval()
+    x, t, img = torch.randn(2, 4, 8, 8), torch.tensor([3, 70]), torch.randn(2, 3, 8, 8)
+    words = torch.zeros(2, 6, 32)
+    words[0, :3], words[1, :2] = torch.randn(3, 32), torch.randn(2, 32)
+    with torch.no_grad():
+        out = m(x, t, img, words)
+        assert out.shape == (2, 8, 8, 8)
+        torch.testing.assert_close(m(x, t, img, words[:, :3]), out, atol=1e-5, rtol=0)   # padding dropped
+        swapped = words.clone()
+        swapped[0, [0, 1]] = words[0, [1, 0]]
+        diff = (m(x, t, img, swapped) - out).abs().flatten(1).amax(1)
+        assert diff[0] > 1e-3 and diff[1] == 0                       # order matters, per sample
+        null = m(x, t, torch.zeros_like(img), torch.zeros_like(words))
+        assert torch.allclose(guided(m, img, words, 2.0)(x, t)[:, :4], null[:, :4] + 2 * (out - null)[:, :4],
+                              atol=1e-5)
+
+
 @pytest.mark.parametrize("image_channels", [0, 3])
 def test_classifier_free_guidance(image_channels):
     """guided(): scale 1 is the plain DiT; scale s gives ε̂_∅ + s·(ε̂_c − ε̂_∅) from one batched call, with
