@@ -363,7 +363,7 @@ def bench_dit(bench: Bench, preset: Preset, m: dict, batch: dict):
     bench.results["options"]["dit.cache_latents"] = {
         "what": "encode every mask (posterior mean, σ) and every image/caption (condition features) once per run; "
                 "each step draws x0 = mean + σ·ε afresh. Results unchanged (no augmentation is lost); costs "
-                f"{(2 * 4 * preset.dit.input_size ** 2 + 2 * preset.dit.cond_dim) * 4 / 1024:.1f} KB per item in memory",
+                f"{(2 * x0[0].numel() + img[0].numel() + txt[0].numel()) * 4 / 1024:.1f} KB per item in memory",
         "step_with_encoders_s": round(cached["seconds_per_call"] + enc["seconds_per_call"], 5),
         "step_cached_s": cached["seconds_per_call"], "frozen_encoders_s": enc["seconds_per_call"],
         "speedup": round((cached["seconds_per_call"] + enc["seconds_per_call"]) / cached["seconds_per_call"], 3)}

@@ -208,6 +208,9 @@ def build_condition_encoder(cfg) -> ConditionEncoder:
                                    map_pixels=cfg.map_pixels, max_words=cfg.caption_tokens or 16,
                                    tokens=cfg.caption_tokens > 0)
     elif cfg.condition == "tiny_clip":
+        if cfg.caption_tokens:
+            raise ValueError("caption_tokens needs the hand-built encoder (--condition tiny); the tiny CLIP gives one "
+                             "caption vector: add --caption_tokens 0 --hidden_size 128 --cond_dim 128")
         enc = LearnedConditionEncoder(cfg.clip_path, image_map=cfg.image_map)
     else:
         raise ValueError(f"unknown condition encoder {cfg.condition!r}: use 'clip', 'tiny' or 'tiny_clip'")

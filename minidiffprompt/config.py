@@ -86,6 +86,7 @@ class DiTConfig:
     epochs: int = 100
     ema_decay: float = 0.9999
     cache_latents: bool = False    # encode masks (posterior mean, σ) and condition features once per run
+    mirror: bool = False           # tiny option: train on the 3 mirror images of every scene too (words swapped)
     posterior_sample: bool = True  # x_0 ~ q(z | mask) as the authors; False: x_0 = its mean (noisy tiny VAEs)
     x0_weight_cap: float = 1.0     # ε-MSE weight clamp((1-ᾱ)/ᾱ, 1, cap): 1 = the authors' loss (diffusion.py)
     cond_dropout: float = 0.0      # share of training samples whose features are zeroed (the null condition)
@@ -100,8 +101,8 @@ class DiTConfig:
         # its samples over ε-prediction at this budget. With it the hand-built condition (the RGB image as a map, hashed
         # words) gives better masks, and a caption that counts more, than the shipped CLIP-like towers
         # (`--condition tiny_clip`, train_clip.py); README, "The DiT's condition encoder"
-        return cls(input_size=16, patch_size=4, hidden_size=128, depth=4, num_heads=4, condition="tiny",
-                   clip_path="shipped:tiny_clip", cond_dim=128,
+        return cls(input_size=16, patch_size=2, hidden_size=64, depth=4, num_heads=4, condition="tiny",
+                   clip_path="shipped:tiny_clip", cond_dim=64, caption_tokens=16,
                    image_map=True, batch_size=64, epochs=20, lr=3e-3, ema_decay=0.99, cache_latents=True,
                    posterior_sample=False, prediction="v")
 

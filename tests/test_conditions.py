@@ -80,7 +80,8 @@ def test_clip_encoder_missing_folder_says_what_to_do(tmp_path):
 
 
 def test_tiny_encoder_deterministic_and_informative():
-    cfg = dataclasses.replace(DiTConfig.tiny(), condition="tiny", image_map=False)
+    # the global features (no image map, one caption vector); 128-d, so that the 2·8² grid values fit losslessly
+    cfg = dataclasses.replace(DiTConfig.tiny(), condition="tiny", image_map=False, caption_tokens=0, cond_dim=128)
     a, b = build_condition_encoder(cfg), build_condition_encoder(cfg)
     images = torch.rand(3, 3, 96, 96)
     caps = ["the red circle left of the blue square", "the blue square left of the red circle", "the red circle"]
@@ -113,7 +114,7 @@ def test_tiny_encoder_image_map():
     enc = build_condition_encoder(cfg)
     images = torch.rand(2, 3, 96, 96)
     img, txt = enc.encode(images, ["the red circle", "the big square"])
-    assert img.shape == (2, 3, cfg.input_size, cfg.input_size) and txt.shape == (2, cfg.cond_dim)
+    assert img.shape == (2, 3, cfg.input_size, cfg.input_size) and txt.shape == (2, 16, cfg.cond_dim)
     cell = images[1, :, 6:12, 12:18].mean(dim=(1, 2))               # latent cell (row 1, column 2)
     assert torch.allclose(img[1, :, 1, 2], (cell - 0.5) * 4, atol=1e-5)
     with pytest.raises(ValueError, match="tiny condition encoder"):
@@ -149,6 +150,9 @@ def test_learned_encoder_recipe_and_its_features(tmp_path):
     metrics = train_clip.main(preset, data, tmp_path)
     assert metrics["steps"] == 3 and 0 <= metrics["val_retrieval_top1_of_64"] <= 100
     cfg = dataclasses.replace(preset.dit, condition="tiny_clip", clip_path=str(tmp_path / "clip"))
+    with pytest.raises(ValueError, match="caption_tokens 0 --hidden_size 128"):
+        build_condition_encoder(cfg)                                 # it gives one caption vector, not tokens
+    cfg = dataclasses.replace(cfg, caption_tokens=0, hidden_size=128, cond_dim=128)
     enc = build_condition_encoder(cfg)
     images = torch.rand(2, 3, 96, 96)
     fmap, txt = enc.encode(images, ["the red star", "the leftmost blue circle"])

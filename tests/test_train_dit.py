@@ -9,7 +9,7 @@ from minidiffprompt import train_dit
 from minidiffprompt.utils.checkpoint import save_weights
 from minidiffprompt.config import get_preset
 from minidiffprompt.diffusion import GaussianDiffusion, get_betas
-from minidiffprompt.dit import load_dit
+from minidiffprompt.dit import dit_arch, load_dit
 from minidiffprompt.train_vae import build_vae
 from minidiffprompt.vae import diffusers_config
 
@@ -54,7 +54,7 @@ def test_train_resume_and_reuse(tmp_path, data, monkeypatch):
     assert set(m2) >= {"val_iou", "val_iou_shuffled", "val_iou_caption_shuffled", "val_iou_first_step",
                        "train_seconds", "parameters"}
     assert train_dit.main(_preset(epochs=2), data, out) == m2  # finished: stored metrics, no training
-    arch = dict(input_size=16, patch_size=4, hidden_size=32, depth=1, num_heads=2, cond_dim=32, image_channels=3)
+    arch = dit_arch(_preset().dit)
     ema = load_dit(out / "dit" / "model.safetensors", **arch)    # EMA weights, strict
     raw = load_dit(out / "dit" / "checkpoint.pt", which="model", **arch)
     saved_ema = torch.load(out / "dit" / "checkpoint.pt", weights_only=True)["ema"]
@@ -67,6 +67,27 @@ def test_train_resume_and_reuse(tmp_path, data, monkeypatch):
     resumed = torch.load(out / "dit" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(v, resumed[k])
                for k, v in torch.load(straight / "dit" / "checkpoint.pt", weights_only=True)["model"].items())
+
+
+def test_mirrored_scenes_flip_mask_and_image_and_swap_position_words(tmp_path, data):
+    """mirror: every scene also enters flipped left-right, top-bottom and both, its position words swapped."""
+    images, masks = torch.rand(2, 3, 8, 8), torch.rand(2, 1, 8, 8)
+    captions = ["The leftmost star", "the red oval under the circle to the right of the square"]
+    fi, fm, fc = train_dit.mirror(images, masks, captions, (-1,))
+    assert torch.equal(fi[..., 0], images[..., -1]) and torch.equal(fm[..., 0], masks[..., -1])
+    assert fc == ["the rightmost star", "the red oval under the circle to the left of the square"]
+    assert train_dit.mirror(images, masks, captions, (-1, -2))[2][1] == \
+        "the red oval above the circle to the left of the square"
+    p = _preset()
+    _stage1(tmp_path)
+    vae = train_dit.load_stage1_vae(tmp_path)
+    enc = train_dit.build_condition_encoder(p.dit)
+    plain = train_dit.encode_split(data, "val", p, vae, enc, "cpu", max_items=5)
+    both = train_dit.encode_split(data, "val", p, vae, enc, "cpu", max_items=5, mirrored=True)
+    assert len(both["mask"]) == 20 and len(both["caption"]) == 20
+    assert torch.equal(both["mask"][:5], plain["mask"]) and torch.equal(both["mean"][:5], plain["mean"])
+    assert torch.equal(both["mask"][15:20], plain["mask"].flip(-1, -2))
+    torch.testing.assert_close(both["image_features"][5:10], plain["image_features"].flip(-1))
 
 
 def test_evaluate_generation_shuffles_conditions():

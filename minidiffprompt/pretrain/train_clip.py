@@ -36,7 +36,7 @@ from ..data.text import clean_caption, load_tokenizer
 @dataclasses.dataclass
 class TinyCLIPConfig:
     vocab_size: int = 125
-    dim: int = 128            # joint embedding width (the DiT's cond_dim)
+    dim: int = 128            # joint embedding width (a DiT reading it needs cond_dim = hidden_size = dim)
     map_size: int = 16        # the DiT's latent grid
     map_channels: int = 8
     width: int = 64
@@ -133,7 +133,7 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     cfg, data, folder = preset.clip, Path(data), Path(out) / "clip"
     vocab = data / "vocab.txt"
     tok = load_tokenizer(vocab)
-    arch = TinyCLIPConfig(vocab_size=len(tok), dim=preset.dit.cond_dim, map_size=preset.dit.input_size)
+    arch = TinyCLIPConfig(vocab_size=len(tok), map_size=preset.dit.input_size)
     config = {"clip": dataclasses.asdict(cfg), "arch": dataclasses.asdict(arch), "data": fingerprint(data)}
     if resume and (done := finished_run(folder, config)) is not None:
         return done
