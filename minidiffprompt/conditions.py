@@ -98,18 +98,17 @@ class TinyConditionEncoder(ConditionEncoder):
     (which word stands where), divided by √n. Everything comes from `seed`, so the same words always give the
     same feature and nothing needs a vocabulary or a download.
 
-    With `map_size` > 0 the image feature is instead the image itself, area-resized to (map_size·k)² and centred
-    ((x − 0.5)·4, RGB), each k×k block of pixels stacked into channels (space-to-depth, k = `map_pixels`): a
-    (B, 3k², map_size, map_size) map for a DiT with `image_map` (dit.py), which lets every latent patch see what
-    lies under it, at k times the latent grid's resolution.
+    With `map_size` > 0 the image feature is instead the image itself, area-resized to map_size² and centred
+    ((x − 0.5)·4, RGB): a (B, 3, map_size, map_size) map for a DiT with `image_map` (dit.py), which lets every
+    latent patch see what lies under it. With `tokens` the caption feature is instead the sequence of its word
+    vectors e(w_i), in order, zero rows padding it to max_words: (B, max_words, dim), for a DiT with
+    `caption_tokens` that reads them as tokens of its sequence.
     """
 
     def __init__(self, dim: int = 128, grid: int = 8, buckets: int = 4096, max_words: int = 16,
-                 decay: float = 0.7, seed: int = 0, scale: float = 5.0, map_size: int = 0, map_pixels: int = 1,
-                 tokens: bool = False):
+                 decay: float = 0.7, seed: int = 0, scale: float = 5.0, map_size: int = 0, tokens: bool = False):
         super().__init__()
-        self.tokens = tokens
-        self.scale, self.map_size, self.map_pixels = scale, map_size, map_pixels
+        self.scale, self.map_size, self.tokens = scale, map_size, tokens
         g = torch.Generator().manual_seed(seed)
         self.dim, self.grid, self.buckets, self.max_words, self.decay = dim, grid, buckets, max_words, decay
         n_in = 2 * grid * grid
@@ -129,9 +128,7 @@ class TinyConditionEncoder(ConditionEncoder):
         device = self.image_proj.device
         images01 = images01.to(device, torch.float32)
         if self.map_size:
-            k = self.map_pixels
-            img = (F.adaptive_avg_pool2d(images01, self.map_size * k) - 0.5) * 4   # (B, 3, s·k, s·k)
-            img = rearrange(img, "b c (h p) (w q) -> b (c p q) h w", p=k, q=k)     # (B, 3k², s, s)
+            img = (F.adaptive_avg_pool2d(images01, self.map_size) - 0.5) * 4     # (B, 3, s, s)
         else:
             r, g, b = images01.unbind(1)
             opponent = torch.stack([r - g, b - (r + g) / 2], dim=1) * 2          # (B, 2, H, W), grey → 0
@@ -193,7 +190,7 @@ def map_channels(cfg) -> int:
         import json
         from .pretrain.shipped import resolve_weights
         return json.loads((resolve_weights(cfg.clip_path) / "config.json").read_text())["arch"]["map_channels"]
-    return 3 * cfg.map_pixels ** 2
+    return 3
 
 
 def build_condition_encoder(cfg) -> ConditionEncoder:
@@ -205,8 +202,7 @@ def build_condition_encoder(cfg) -> ConditionEncoder:
         enc = CLIPConditionEncoder(cfg.clip_path)
     elif cfg.condition == "tiny":
         enc = TinyConditionEncoder(dim=cfg.cond_dim, seed=0, map_size=cfg.input_size if cfg.image_map else 0,
-                                   map_pixels=cfg.map_pixels, max_words=cfg.caption_tokens or 16,
-                                   tokens=cfg.caption_tokens > 0)
+                                   max_words=cfg.caption_tokens or 16, tokens=cfg.caption_tokens > 0)
     elif cfg.condition == "tiny_clip":
         if cfg.caption_tokens:
             raise ValueError("caption_tokens needs the hand-built encoder (--condition tiny); the tiny CLIP gives one "

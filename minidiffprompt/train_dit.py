@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import re
 import time
 from pathlib import Path
 
@@ -75,26 +74,12 @@ def load_stage2(out, preset: Preset, device="cpu", which: str = "ema", sampling_
 # Encoding a split: masks → posterior (mean, σ), (image, caption) → condition features
 
 
-# A mirrored scene is described by its mirrored words (DiTConfig.mirror): left/right for a horizontal flip,
-# top/bottom and above/below for a vertical one; "under" is the synthetic captions' other word for "below"
-MIRROR_WORDS = {-1: {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"},
-                -2: {"top": "bottom", "bottom": "top", "above": "below", "below": "above", "under": "above"}}
-
-
-def mirror(images, masks, captions: list[str], dims: tuple[int, ...]):
-    """The batch flipped along `dims` (-1 horizontal, -2 vertical), its captions' position words swapped."""
-    for d in dims:
-        swap = MIRROR_WORDS[d]
-        captions = [re.sub(r"[a-z]+", lambda m: swap.get(m.group(), m.group()), c.lower()) for c in captions]
-    return images.flip(dims), masks.flip(dims), captions
-
-
 @torch.no_grad()
 def encode_split(root, split: str, preset: Preset, vae: MaskVAE, encoder: ConditionEncoder, device,
-                 max_items: int = 0, mirrored: bool = False) -> dict:
+                 max_items: int = 0) -> dict:
     """Every (object, expression) of a split run once through the frozen encoders:
-    {"mean", "std": (N, 4, h, w), "image_features", "text_features": (N, D), "mask": (N, 1, M, M), "caption"};
-    `mirrored` adds the three mirror images of every scene (4N items)."""
+    {"mean", "std": (N, 4, h, w), "image_features", "text_features": (N, D) or with caption_tokens (N, L, D),
+    "mask": (N, 1, M, M), "caption"}."""
     from .data.datasets import RefExpDataset, collate
     dataset = RefExpDataset(root, split, preset.data.image_size, mask_size=preset.data.mask_size)
     if len(dataset) == 0:
@@ -105,16 +90,13 @@ def encode_split(root, split: str, preset: Preset, vae: MaskVAE, encoder: Condit
     # that a resumed run has just restored
     loader = DataLoader(dataset, batch_size=128, shuffle=False, collate_fn=collate, generator=torch.Generator())
     parts = {"mean": [], "std": [], "image_features": [], "text_features": [], "mask": [], "caption": []}
-    views = ((), (-1,), (-2,), (-1, -2)) if mirrored else ((),)
     for batch in progress(loader, desc=f"encode {split}", leave=False):
-        for dims in views:
-            images, masks, captions = mirror(batch["image"], batch["mask"], list(batch["caption"]), dims)
-            posterior = vae.encode(masks.to(device))                         # q(z | mask), no scaling factor
-            img, txt = encoder.encode(images.to(device), captions)
-            for key, value in (("mean", posterior.mean), ("std", posterior.std), ("image_features", img),
-                               ("text_features", txt), ("mask", masks)):
-                parts[key].append(value.float().cpu())
-            parts["caption"] += captions
+        posterior = vae.encode(batch["mask"].to(device))                     # q(z | mask), no scaling factor
+        img, txt = encoder.encode(batch["image"].to(device), batch["caption"])
+        for key, value in (("mean", posterior.mean), ("std", posterior.std), ("image_features", img),
+                           ("text_features", txt), ("mask", batch["mask"])):
+            parts[key].append(value.float().cpu())
+        parts["caption"] += list(batch["caption"])
     return {k: (v if k == "caption" else torch.cat(v)) for k, v in parts.items()}
 
 
@@ -320,10 +302,7 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
         generator.manual_seed(cfg.seed + 1000 * rank() + start)
 
     t0 = time.perf_counter()
-    if cfg.mirror and not cfg.cache_latents:
-        raise SystemExit("train-dit: --mirror true needs --cache_latents true (the mirrored scenes are encoded once)")
-    train = (encode_split(data, "train", preset, vae, encoder, device, mirrored=cfg.mirror) if cfg.cache_latents
-             else None)
+    train = encode_split(data, "train", preset, vae, encoder, device) if cfg.cache_latents else None
     val = encode_split(data, "val", preset, vae, encoder, device, max_items=cfg.eval_items)
     elapsed += time.perf_counter() - t0
     n_params = sum(p.numel() for p in dit.parameters())

@@ -119,12 +119,6 @@ def test_tiny_encoder_image_map():
     assert torch.allclose(img[1, :, 1, 2], (cell - 0.5) * 4, atol=1e-5)
     with pytest.raises(ValueError, match="tiny condition encoder"):
         build_condition_encoder(dataclasses.replace(cfg, condition="clip"))
-    # map_pixels k: the image at k times the grid's resolution, each k×k block stacked into channels
-    fine = dataclasses.replace(cfg, map_pixels=3)
-    img3, _ = build_condition_encoder(fine).encode(images, ["the red circle", "the big square"])
-    assert img3.shape == (2, 27, cfg.input_size, cfg.input_size) and dit_arch(fine)["image_channels"] == 27
-    pixel = images[1, :, 8:10, 14:16].mean(dim=(1, 2))               # cell (1, 2), its sub-block (1, 1) of 3×3
-    assert torch.allclose(img3[1, [4, 13, 22], 1, 2], (pixel - 0.5) * 4, atol=1e-5)
 
 
 def test_tiny_encoder_caption_tokens():

@@ -69,27 +69,6 @@ def test_train_resume_and_reuse(tmp_path, data, monkeypatch):
                for k, v in torch.load(straight / "dit" / "checkpoint.pt", weights_only=True)["model"].items())
 
 
-def test_mirrored_scenes_flip_mask_and_image_and_swap_position_words(tmp_path, data):
-    """mirror: every scene also enters flipped left-right, top-bottom and both, its position words swapped."""
-    images, masks = torch.rand(2, 3, 8, 8), torch.rand(2, 1, 8, 8)
-    captions = ["The leftmost star", "the red oval under the circle to the right of the square"]
-    fi, fm, fc = train_dit.mirror(images, masks, captions, (-1,))
-    assert torch.equal(fi[..., 0], images[..., -1]) and torch.equal(fm[..., 0], masks[..., -1])
-    assert fc == ["the rightmost star", "the red oval under the circle to the left of the square"]
-    assert train_dit.mirror(images, masks, captions, (-1, -2))[2][1] == \
-        "the red oval above the circle to the left of the square"
-    p = _preset()
-    _stage1(tmp_path)
-    vae = train_dit.load_stage1_vae(tmp_path)
-    enc = train_dit.build_condition_encoder(p.dit)
-    plain = train_dit.encode_split(data, "val", p, vae, enc, "cpu", max_items=5)
-    both = train_dit.encode_split(data, "val", p, vae, enc, "cpu", max_items=5, mirrored=True)
-    assert len(both["mask"]) == 20 and len(both["caption"]) == 20
-    assert torch.equal(both["mask"][:5], plain["mask"]) and torch.equal(both["mean"][:5], plain["mean"])
-    assert torch.equal(both["mask"][15:20], plain["mask"].flip(-1, -2))
-    torch.testing.assert_close(both["image_features"][5:10], plain["image_features"].flip(-1))
-
-
 def test_evaluate_generation_shuffles_conditions():
     """A fake 'DiT' whose ε̂ pushes x̂_0 to the latent stored in its image feature: conditioned generation
     reproduces the masks (IoU 1), shuffled generation gives other items' masks."""
