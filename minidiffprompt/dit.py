@@ -14,7 +14,8 @@ checkpoint (`model` / `ema` entries) and the HF export load strictly (keys: `tes
 when s ≠ 1 (an option; the authors trained no null condition).
 
 The tiny preset's `image_channels=3` (DiTConfig.image_map) is not the authors' design: the image, resized to the
-latent grid, is concatenated to x_t instead, and the image half of c is zero.
+latent grid, is concatenated to x_t instead, and the image half of c is zero. Nor is its `caption_tokens=16`: the
+caption's word vectors join the patch tokens in the sequence, and the caption half of c is zero too.
 """
 from __future__ import annotations
 
@@ -219,7 +220,8 @@ class DiT(nn.Module):
 
     def forward(self, x, t, image_features, text_features):
         """x: (B, C, H, W) noisy latent x_t, t: (B,) integer timesteps, features: (B, hidden) each; with
-        image_channels the image feature is a (B, image_channels, H, W) map instead."""
+        image_channels the image feature is a (B, image_channels, H, W) map instead, with caption_tokens the text
+        feature (B, L ≤ caption_tokens, hidden) word vectors."""
         if self.image_channels:                                   # spatial condition: each token sees its image patch
             x = torch.cat([x, image_features.to(x.dtype)], dim=1)
             image_features = x.new_zeros(len(x), self.pos_embed.shape[-1])   # the adaLN condition keeps the caption
