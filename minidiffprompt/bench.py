@@ -204,9 +204,11 @@ def max_diff(a, b) -> float:
 class ExplicitDiTAttention(dit_module.Attention):
     """DiT attention written out: softmax(q kᵀ/√d) v with the (B, h, N, N) score matrix in memory."""
 
-    def forward(self, x):
+    def forward(self, x, keep=None):
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         att = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5      # (B, h, N, N)
+        if keep is not None:                                        # padding keys (caption tokens) get no weight
+            att = att.masked_fill(~keep[:, None, None, :], float("-inf"))
         return self.proj(rearrange(att.softmax(-1) @ v, "b h n d -> b n (h d)"))
 
 

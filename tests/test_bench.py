@@ -44,6 +44,15 @@ def test_explicit_dit_attention_matches_sdpa():
         fast, slow = dit(x, t, f, f), explicit(x, t, f, f)
     assert fast.abs().max() > 0.1                      # adaLN randomised: the attention really contributes
     torch.testing.assert_close(fast, slow, rtol=0, atol=TOL)
+    # with word tokens in the sequence, the padding mask too
+    dit = bench.randomize_adaln(DiT(input_size=8, hidden_size=64, depth=2, num_heads=4, cond_dim=64,
+                                    image_channels=3, caption_tokens=5)).eval()
+    words = torch.randn(3, 5, 64)
+    words[0, 2:], words[1, 4:] = 0, 0
+    img = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        fast, slow = dit(x, t, img, words), bench.with_explicit_attention(dit)(x, t, img, words)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=TOL)
 
 
 def test_explicit_window_attention_matches_sdpa_with_prompts():
