@@ -98,8 +98,8 @@ class DiTConfig:
         # v-prediction: at the noisiest steps the DiT states the mask itself (diffusion.py), which doubled the IoU of
         # its samples over ε-prediction at this budget. With it the hand-built condition (the RGB image as a map, hashed
         # words) gives better masks, and a caption that counts more, than the shipped CLIP-like towers
-        # (`--condition tiny_clip`, train_clip.py); README, "The DiT's condition encoder". Patch 2 (64 tokens, a token
-        # per 6 pixels, about one small object) at width 64 costs what patch 4 at width 128 did and doubled the IoU;
+        # (`--condition tiny_clip`, train_clip.py); README, "The DiT's condition encoder". Patch 2 (64 tokens, each over
+        # 12×12 pixels, about one small object) at width 64 costs what patch 4 at width 128 did and doubled the IoU;
         # the words as tokens in the sequence (caption_tokens) raised it again and made the caption count
         return cls(input_size=16, patch_size=2, hidden_size=64, depth=4, num_heads=4, condition="tiny",
                    clip_path="shipped:tiny_clip", cond_dim=64, caption_tokens=16,
