@@ -19,7 +19,7 @@ demo: venv
 	$(BIN)/python -m minidiffprompt demo
 
 test: venv
-	MDP_QUIET=1 $(BIN)/python -m pytest -q tests --nbval-lax notebooks
+	MDP_QUIET=1 $(BIN)/python -m pytest -q --durations=15 tests --nbval-lax notebooks
 
 clean:
 	rm -rf runs data/synthref

@@ -230,7 +230,10 @@ class DiT(nn.Module):
         n, keep = x.shape[1], None
         if self.caption_tokens:                                   # words join the sequence; the adaLN keeps t only
             words = text_features.to(x.dtype)                     # (B, L, D), all-zero rows are padding
-            keep = torch.cat([torch.ones_like(x[..., 0], dtype=torch.bool), words.abs().sum(-1) > 0], dim=1)
+            present = words.abs().sum(-1) > 0
+            used = int(present.any(0).nonzero().max()) + 1 if present.any() else 0
+            words, present = words[:, :used], present[:, :used]  # drop the columns padded in every row: same output
+            keep = torch.cat([torch.ones_like(x[..., 0], dtype=torch.bool), present], dim=1)
             x = torch.cat([x, self.caption_embedder(words) + self.caption_pos[:words.shape[1]]], dim=1)
             text_features = torch.zeros_like(t_emb)
         c = torch.cat([image_features + t_emb, text_features + t_emb], dim=1).to(x.dtype)   # (B, 2D)
