@@ -154,6 +154,8 @@ def test_caption_tokens_join_the_sequence_and_padding_is_ignored():
         out = m(x, t, img, words)
         assert out.shape == (2, 8, 8, 8)
         torch.testing.assert_close(m(x, t, img, words[:, :3]), out, atol=1e-5, rtol=0)   # padding dropped
+        alone = m(x[1:], t[1:], img[1:], words[1:, :2])           # sample 1 without the column padded only for it
+        torch.testing.assert_close(alone, out[1:], atol=1e-5, rtol=0)                      # padding masked
         swapped = words.clone()
         swapped[0, [0, 1]] = words[0, [1, 0]]
         diff = (m(x, t, img, swapped) - out).abs().flatten(1).amax(1)
