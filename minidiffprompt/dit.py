@@ -231,7 +231,8 @@ class DiT(nn.Module):
         if self.caption_tokens:                                   # words join the sequence; the adaLN keeps t only
             words = text_features.to(x.dtype)                     # (B, L, D), all-zero rows are padding
             present = words.abs().sum(-1) > 0
-            used = int(present.any(0).nonzero().max()) + 1 if present.any() else 0
+            columns = present.any(0).nonzero()                    # the columns some row has a word in
+            used = int(columns[-1]) + 1 if len(columns) else 0
             words, present = words[:, :used], present[:, :used]  # drop the columns padded in every row: same output
             keep = torch.cat([torch.ones_like(x[..., 0], dtype=torch.bool), present], dim=1)
             x = torch.cat([x, self.caption_embedder(words) + self.caption_pos[:words.shape[1]]], dim=1)
