@@ -241,8 +241,8 @@ class PromptConfig:
     val_every: int = 0             # also every N optimiser steps (the learning curve `val_curve`; 0 = off)
     tag: str = ""                  # run folder prompts/<method>[-<tag>], e.g. for ablations
     glip_weights: str = ""         # "" = RUN/glip; tiny: the shipped GLIP; paper: the official glip_a_tiny_o365.pth
-    vae_weights: str = ""          # "" = RUN/vae; paper: the released Mask-VAE folder
-    dit_weights: str = ""          # "" = RUN/dit; paper: the released DiT checkpoint
+    vae_weights: str = ""          # "" = RUN/vae; tiny: the shipped Mask-VAE; paper: the released Mask-VAE folder
+    dit_weights: str = ""          # "" = RUN/dit; tiny: the shipped DiT; paper: the released DiT checkpoint
 
     def check(self, glip: "GLIPConfig") -> None:
         """Refuse settings the prompted GLIP cannot serve, before any work: a ValueError naming the fix."""
@@ -266,9 +266,10 @@ class PromptConfig:
 
     @classmethod
     def tiny(cls) -> "PromptConfig":
-        # CPU budget: a fixed number of steps; 10 DDIM steps (stride 10) still keep 4 latents (layers 0-3)
+        # CPU budget: a fixed number of steps; 10 DDIM steps (stride 10) still keep 4 latents (layers 0-3). The frozen
+        # parts are the shipped ones, as the paper's stage 3 starts from released GLIP, Mask-VAE and DiT weights
         return cls(depth=4, length=8, ddim_steps=10, epochs=1, max_steps=60, batch_size=16, micro_batch=16, lr=3e-3,
-                   glip_weights="shipped:tiny_glip")
+                   glip_weights="shipped:tiny_glip", vae_weights="shipped:tiny_vae", dit_weights="shipped:tiny_dit")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -73,6 +73,8 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True, budget: str
     root = timed("data", _data_root, data)
     timed("stage 1 (Mask-VAE)", train_vae.main, preset, root, out, resume)
     timed("stage 2 (DiT)", train_dit.main, preset, root, out, resume)
+    # stage 3 builds on the stages just trained, not on the shipped ones the tiny preset's stage 3 defaults to
+    preset.prompt.vae_weights, preset.prompt.dit_weights = str(out / "vae"), str(out / "dit")
     if budget == "long":
         timed("stage 3: the long study", long_study, preset, root, out, resume)
         preset.eval.max_items = 0                    # whole splits
@@ -102,8 +104,8 @@ def long_study(preset: Preset, root: Path, out: Path, resume: bool) -> dict:
         for lr in lrs:
             preset.prompt = dataclasses.replace(
                 base, **settings, lr=lr, epochs=1, max_steps=LONG["steps"], val_items=LONG["select_items"],
-                val_every=LONG["val_every"], tag=f"{name}-lr{lr:g}", vae_weights=str(out / "vae"),
-                dit_weights=str(out / "dit"), glip_weights=base.glip_weights or str(out / "glip"))
+                val_every=LONG["val_every"], tag=f"{name}-lr{lr:g}",   # "" = OUT's stage, not RUN/sweep's
+                **{f"{s}_weights": getattr(base, f"{s}_weights") or str(out / s) for s in ("glip", "vae", "dit")})
             scores[lr] = train_prompts.main(preset, root, sweep, resume)["history"][-1]["val_R@1"]
             print(f"[demo] {name} lr {lr:g}: val R@1 {scores[lr]:.1f} (first {LONG['select_items']})", flush=True)
         best = max(scores, key=scores.get)

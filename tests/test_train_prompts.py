@@ -86,7 +86,7 @@ def make_run(tmp_path):
     (out / "glip" / "config.json").write_text(json.dumps({"glip": dataclasses.asdict(preset.glip)}))
     shutil.copyfile(data / "vocab.txt", out / "glip" / "vocab.txt")
     preset.prompt = dataclasses.replace(preset.prompt, epochs=1, max_steps=2, batch_size=8, micro_batch=4,
-                                        glip_weights="")     # "": this run's glip/, not the shipped one
+                                        glip_weights="", vae_weights="", dit_weights="")   # "": this run's stages
     preset.eval = dataclasses.replace(preset.eval, batch_size=8, max_items=6)
     return preset, data, out
 

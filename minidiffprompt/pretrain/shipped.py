@@ -4,6 +4,10 @@
     resolve_weights("shipped:tiny_glip")       # what a config value such as --glip_weights may name
     python -m minidiffprompt ship runs/tiny/glip tiny_glip      # copy a finished run in, record its hashes
 
+Shipped: tiny_bert (MLM-pretrained text encoder), tiny_glip (the base detector), tiny_clip (a CLIP-like condition
+encoder, not the default), tiny_vae and tiny_dit (stages 1 and 2 of the tiny preset, which the tiny stage 3 and
+notebooks 03-06 build on, as the paper's stage 3 can start from the authors' released Mask-VAE and DiT).
+
 The real pipeline starts from downloaded weights (GLIP-T(A)'s `glip_a_tiny_o365.pth`, bert-base-uncased, CLIP);
 the tiny pipeline starts from these, made once by the package's own commands with a budget far beyond the demo's.
 Each folder holds the run's weights and config, and a `metrics.json` with the command that made them, its wall
@@ -66,8 +70,7 @@ def ship(run: Path, name: str, extra: dict | None = None) -> Path:
     merged in and a `files` table of sha256 and size added.
     """
     run, dest = Path(run), ROOT / name
-    metrics = json.loads((run / "metrics.json").read_text())
-    metrics.pop("history", None)            # per-epoch logs stay in the run folder
+    metrics = json.loads((run / "metrics.json").read_text())   # with its per-epoch history: notebooks plot it
     dest.mkdir(parents=True, exist_ok=True)
     files = {}
     for f in FILES:
