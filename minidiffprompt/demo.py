@@ -2,7 +2,9 @@
 
     1. synthetic RefCOCO-format data                         (synthetic.ensure_synthetic)
     2. stage 1: the Mask-VAE                                 (train_vae)
-    3. stage 2: the DiT prompt generator                     (train_dit)
+    3. stage 2: the DiT prompt generator                     (train_dit; stage 3 builds on these two, not on the
+                                                              shipped tiny_vae / tiny_dit that `train-prompts
+                                                              --preset tiny` defaults to)
     4. the base detector: the shipped tiny GLIP (`--glip_weights`; it was pre-trained once on the synthetic
        detection split by `train-glip`, as GLIP-T(A) comes pre-trained on Objects365)
     5. stage 3: VPT-deep, deep text prompts and Diff-Prompt tuning of the frozen GLIP (train_prompts)
@@ -73,8 +75,9 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True, budget: str
     root = timed("data", _data_root, data)
     timed("stage 1 (Mask-VAE)", train_vae.main, preset, root, out, resume)
     timed("stage 2 (DiT)", train_dit.main, preset, root, out, resume)
-    # stage 3 builds on the stages just trained, not on the shipped ones the tiny preset's stage 3 defaults to
-    preset.prompt.vae_weights, preset.prompt.dit_weights = str(out / "vae"), str(out / "dit")
+    # stage 3 builds on the stages just trained ("": the run folder's vae/ and dit/), not on the shipped ones the
+    # tiny preset's stage 3 defaults to
+    preset.prompt.vae_weights = preset.prompt.dit_weights = ""
     if budget == "long":
         timed("stage 3: the long study", long_study, preset, root, out, resume)
         preset.eval.max_items = 0                    # whole splits
