@@ -10,9 +10,9 @@ venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -r requirements.txt
-	$(BIN)/pip install -q --no-deps -e .
-	$(BIN)/pip install -q "diffusers==0.42.1"
+	$(BIN)/pip install -q --no-compile -r requirements.txt
+	$(BIN)/pip install -q --no-compile --no-deps -e .
+	$(BIN)/pip install -q --no-compile "diffusers==0.42.1"
 	touch $@
 
 demo: venv

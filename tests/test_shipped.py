@@ -103,7 +103,7 @@ def test_shipped_dit_reaches_its_recorded_mask_iou(default_set):
     from minidiffprompt.config import get_preset
     from minidiffprompt.pipeline import load_generator_parts
     preset = get_preset("tiny")
-    vae, dit, diffusion, encoder = load_generator_parts(preset, default_set)   # the shipped tiny_vae and tiny_dit
+    vae, dit, diffusion, encoder = load_generator_parts(preset, "unused")   # the shipped tiny_vae and tiny_dit
     recorded = json.loads((shipped("tiny_dit") / "metrics.json").read_text())
     val = train_dit.encode_split(default_set, "val", preset, vae, encoder, "cpu", max_items=recorded["val_items"])
     z, _ = train_dit.generate_latents(dit, diffusion, val["image_features"], val["text_features"],

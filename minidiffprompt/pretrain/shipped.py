@@ -6,10 +6,11 @@
 
 Shipped: tiny_bert (MLM-pretrained text encoder), tiny_glip (the base detector), tiny_clip (a CLIP-like condition
 encoder, not the default), tiny_vae and tiny_dit (stages 1 and 2 of the tiny preset, which the tiny stage 3 and
-notebooks 03-06 build on, as the paper's stage 3 can start from the authors' released Mask-VAE and DiT).
+notebooks 02-06 build on, as the paper's stage 3 can start from the authors' released Mask-VAE and DiT).
 
 The real pipeline starts from downloaded weights (GLIP-T(A)'s `glip_a_tiny_o365.pth`, bert-base-uncased, CLIP);
-the tiny pipeline starts from these, made once by the package's own commands with a budget far beyond the demo's.
+the tiny pipeline starts from these, made once by the package's own commands: the BERT, GLIP and CLIP with a budget
+far beyond the demo's, the Mask-VAE and DiT with the demo's own recipe.
 Each folder holds the run's weights and config, and a `metrics.json` with the command that made them, its wall
 time, what they reach, and the sha256 and size of every other file. A file that does not match is an error that
 names it: the package never runs on altered or truncated weights.
