@@ -175,8 +175,9 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
                 if cfg.max_steps and epoch_steps >= cfg.max_steps:
                     break  # a step budget per epoch (the tiny preset's CPU budget)
             record = {"epoch": epoch + 1, "loss": all_reduce_mean(running / max(count, 1)).item()}
-            if cfg.val_items:
-                record["val_R@1"] = validate()
+            if cfg.val_items:      # the curve's last point, when it was taken at this very step
+                last = val_curve[-1] if val_curve else {}
+                record["val_R@1"] = last["val_R@1"] if last.get("step") == len(step_losses) else validate()
             history.append(record)
             if is_main():                          # rank 0 logs and writes; the others wait at the barrier
                 print(f"[{folder.name}] epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f}"

@@ -102,9 +102,15 @@ def test_tiny_harness_trains_resumes_and_evaluates_reproducibly(tmp_path, monkey
     assert all((folder / f).exists() for f in ("checkpoint.pt", "model.safetensors", "config.json", "metrics.json"))
     assert train_prompts.main(preset, data, out) == metrics                       # finished: reused, not retrained
     preset.prompt = dataclasses.replace(preset.prompt, method="vpt", val_items=4, val_every=1)
+    checks = []
+    evaluate_split = evaluate.evaluate_split                     # train_prompts imports it from there at each run
+    monkeypatch.setattr(evaluate, "evaluate_split", lambda *a, **k: checks.append(1) or evaluate_split(*a, **k))
     vpt = train_prompts.main(preset, data, out)
     assert vpt["trainable_parameters"] == preset.prompt.depth * preset.prompt.length * preset.glip.embed_dim
     assert [p["step"] for p in vpt["val_curve"]] == [1, 2] and vpt["history"][-1]["val_R@1"] >= 0   # the curve
+    assert len(checks) == 2     # step 2 ends the epoch: its curve point is the epoch's val R@1, not a third check
+    assert vpt["history"][-1]["val_R@1"] == vpt["val_curve"][-1]["val_R@1"]
+    monkeypatch.setattr(evaluate, "evaluate_split", evaluate_split)
     preset.prompt = dataclasses.replace(preset.prompt, val_items=0, val_every=0)
     preset.prompt = dataclasses.replace(preset.prompt, method="diffprompt", oracle_masks=True, tag="oracle")
     assert len(train_prompts.main(preset, data, out)["step_losses"]) == 2      # true masks, no DDIM
