@@ -24,13 +24,8 @@ from minidiffprompt.vae import MaskVAE
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Agreement, not speed, is tested here: one thread keeps these small models off the other CPU users."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# agreement, not speed, is tested here: one thread (conftest.py) keeps these small models off the other CPU users
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_explicit_dit_attention_matches_sdpa():

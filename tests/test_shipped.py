@@ -70,17 +70,9 @@ def default_set(tmp_path_factory):
     return ensure_synthetic(tmp_path_factory.mktemp("synthref"), log=lambda *a: None)
 
 
-@pytest.fixture
-def one_thread():
-    """One thread, as the recorded figure was measured; the thread count is restored for the tests after this one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_shipped_glip_reaches_its_recorded_detection_recall(default_set, one_thread):
-    """Re-measure the held-out detection R@1 on the default synthetic set (the one it was evaluated on)."""
+    """Re-measure the held-out detection R@1 on the default synthetic set (the one it was evaluated on), on one
+    thread as it was measured (conftest.py restores the thread count for the tests after this one)."""
     from minidiffprompt.config import get_preset
     from minidiffprompt.glip.model import load_glip_checkpoint
     from minidiffprompt.pretrain.train_glip import detection_recall, holdout_indices, load_detection
