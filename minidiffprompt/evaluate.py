@@ -165,14 +165,15 @@ def qualitative_figure(samples: dict, dataset, preset: Preset, path: Path, n: in
 
 def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     """Evaluate zero-shot GLIP and every finished method in RUN/prompts; returns {method: {split: metrics}}."""
-    from .pipeline import glip_path, load_glip, load_trained
+    from .pipeline import load_glip, load_trained, stage_path
     from .prompting import freeze
     device = pick_device(getattr(preset, "device", "auto"))
     ev = preset.eval
     eval_dir = Path(out) / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     settings = {"eval": dataclasses.asdict(ev), "image_size": preset.data.image_size, "amp": preset.prompt.amp,
-                "glip": preset.prompt.glip_weights, "glip_files": fingerprint(glip_path(preset, out)),
+                "glip": preset.prompt.glip_weights,
+                "glip_files": fingerprint(stage_path(preset.prompt, out, "glip")),
                 "data": fingerprint(data), "format": 3}
     runs = [("zeroshot", None)] + [(p.name, p) for p in trained_methods(out) if p.name != "zeroshot"]
     oracle = any(json.loads((p / "config.json").read_text())["prompt"].get("oracle_masks") for _, p in runs[1:])

@@ -29,37 +29,37 @@ def run_config(preset: Preset, cfg: PromptConfig, data=None, out=None) -> dict:
     if data is not None:
         config["data"] = fingerprint(data)
         config["upstream"] = {
-            "glip": fingerprint(_stage_path(cfg.glip_weights, out, "glip", "GLIP checkpoint")),
-            **({"vae": fingerprint(_stage_path(cfg.vae_weights, out, "vae", "Mask-VAE")),
-                "dit": fingerprint(_stage_path(cfg.dit_weights, out, "dit", "DiT"))} if generated else {})}
+            "glip": fingerprint(stage_path(cfg, out, "glip")),
+            **({"vae": fingerprint(stage_path(cfg, out, "vae")),
+                "dit": fingerprint(stage_path(cfg, out, "dit"))} if generated else {})}
     return json.loads(json.dumps(config))
 
 
-def _stage_path(given: str, out: Path, stage: str, what: str) -> Path:
+PARTS = {"glip": "GLIP checkpoint", "vae": "Mask-VAE", "dit": "DiT"}
+
+
+def stage_path(cfg: PromptConfig, out: Path, stage: str) -> Path:
+    """Where a frozen part ("glip", "vae" or "dit") comes from: `--<stage>_weights` (tiny: the shipped ones,
+    "shipped:NAME"; paper: the official files), or with "" the run folder's own RUN/<stage>."""
     from .pretrain.shipped import resolve_weights
-    path = resolve_weights(given) if given else Path(out) / stage     # "shipped:NAME": a part the package ships
+    given = getattr(cfg, f"{stage}_weights")
+    path = resolve_weights(given) if given else Path(out) / stage
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no {what} found. Train it first (python -m minidiffprompt "
+        raise FileNotFoundError(f"{path}: no {PARTS[stage]} found. Train it first (python -m minidiffprompt "
                                 f"train-{stage} --out {out}) or pass --{stage}_weights PATH.")
     return path
 
 
-def glip_path(preset: Preset, out: Path) -> Path:
-    """Where the base GLIP comes from: --glip_weights (tiny: the shipped one; paper: the official file), else
-    RUN/glip."""
-    return _stage_path(preset.prompt.glip_weights, out, "glip", "GLIP checkpoint")
+def stage_metrics(cfg: PromptConfig, out: Path, stage: str) -> dict:
+    """A frozen part's recorded metrics.json ({} for a checkpoint file such as the official ones)."""
+    path = stage_path(cfg, out, stage) / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def load_glip(preset: Preset, out: Path):
     """The base detector: --glip_weights (tiny: the shipped one; paper: the official checkpoint), else RUN/glip."""
     from .glip.model import load_glip_checkpoint
-    return load_glip_checkpoint(glip_path(preset, out), preset.glip)
-
-
-def load_glip_metrics(preset: Preset, out: Path) -> dict:
-    """The base GLIP's recorded metrics.json ({} for a checkpoint file such as the official one)."""
-    path = glip_path(preset, out) / "metrics.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return load_glip_checkpoint(stage_path(preset.prompt, out, "glip"), preset.glip)
 
 
 def load_generator_parts(preset: Preset, out: Path):
@@ -69,8 +69,8 @@ def load_generator_parts(preset: Preset, out: Path):
     from .dit import dit_arch, load_dit
     from .vae import load_mask_vae
     cfg = preset.prompt
-    vae = load_mask_vae(_stage_path(cfg.vae_weights, out, "vae", "Mask-VAE"))
-    dit_path = _stage_path(cfg.dit_weights, out, "dit", "DiT")
+    vae = load_mask_vae(stage_path(cfg, out, "vae"))
+    dit_path = stage_path(cfg, out, "dit")
     d = preset.dit
     dit = load_dit(dit_path, **dit_arch(d))
     recorded = dit_path / "config.json"      # a `train-dit` folder records its recipe; the authors' files do not

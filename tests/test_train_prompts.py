@@ -228,3 +228,40 @@ def test_a_dit_trained_with_another_parameterisation_is_refused(tmp_path):
         pipeline.load_generator_parts(preset, out)
     preset.dit = dataclasses.replace(preset.dit, prediction="eps")
     assert pipeline.load_generator_parts(preset, out)[2].prediction == "eps"
+
+
+def test_the_demo_measures_the_stages_it_is_given_and_reuses_the_measurement(tmp_path, monkeypatch):
+    """Given (not trained) stages 1–2, `demo.check_stage` measures them as `train-dit` and `train-vae` do, keeps the
+    figures in RUN/checks.json, reuses them while the files are unchanged and measures again when they change."""
+    from minidiffprompt import demo, pipeline, train_dit
+    monkeypatch.setenv("MDP_QUIET", "1")
+    preset, data, run = make_run(tmp_path)
+    preset.prompt = dataclasses.replace(preset.prompt, vae_weights=str(run / "vae"), dit_weights=str(run / "dit"))
+    preset.dit = dataclasses.replace(preset.dit, eval_items=6)
+    out = tmp_path / "demo"
+    out.mkdir()
+    got = demo.check_stage(preset, data, out, "dit")
+    vae, dit, diffusion, encoder = pipeline.load_generator_parts(preset, out)
+    val = train_dit.encode_split(data, "val", preset, vae, encoder, "cpu", max_items=6)
+    want = train_dit.evaluate_generation(dit.eval(), vae.eval(), diffusion, val, num_steps=preset.dit.ddim_steps)
+    assert {k: got[f"val_{k}"] for k in want} == want and got["weights"] == str(run / "dit")
+    assert 0 <= demo.check_stage(preset, data, out, "vae")["val_iou"] <= 1
+
+    def measured_again(*args, **kwargs):
+        raise RuntimeError("measured again")
+    monkeypatch.setattr(train_dit, "evaluate_generation", measured_again)
+    assert demo.check_stage(preset, data, out, "dit") == got                          # reused from checks.json
+    weights = run / "dit" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")                      # other files: measured again
+    with pytest.raises(RuntimeError, match="measured again"):
+        demo.check_stage(preset, data, out, "dit")
+
+
+def test_the_demo_trains_the_dit_only_on_its_own_mask_vae(tmp_path):
+    from minidiffprompt import demo
+    from minidiffprompt.config import get_preset
+    preset = get_preset("tiny")
+    preset.prompt.dit_weights = ""                                  # the VAE stays the shipped one
+    with pytest.raises(ValueError, match='--vae_weights ""'):
+        demo.main(preset, tmp_path / "data", tmp_path / "run")
+    assert not (tmp_path / "data").exists()                         # refused before any work
