@@ -75,13 +75,15 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True, budget: str
         return result
 
     p = preset.prompt
-    if p.vae_weights and not p.dit_weights:
-        raise ValueError('--dit_weights "" trains the DiT on the run folder\'s own Mask-VAE: give --vae_weights "" '
-                         'too')
+    if bool(p.vae_weights) != bool(p.dit_weights):     # a DiT denoises the latents of the VAE it was trained with
+        raise ValueError('--vae_weights and --dit_weights: give both (the DiT must come with its own Mask-VAE) or '
+                         'set both to "" (the demo trains both)')
     root = timed("data", _data_root, data)
-    for stage, name, train in (("vae", "stage 1 (Mask-VAE)", train_vae.main), ("dit", "stage 2 (DiT)", train_dit.main)):
-        if getattr(p, f"{stage}_weights"):          # given (by default shipped): measured on val, not trained
-            timed(f"{name}: {getattr(p, f'{stage}_weights')}, checked", check_stage, preset, root, out, stage, resume)
+    for stage, name, train in (("vae", "stage 1 (Mask-VAE)", train_vae.main),
+                               ("dit", "stage 2 (DiT)", train_dit.main)):
+        given = getattr(p, f"{stage}_weights")
+        if given:                                   # by default the shipped ones: measured on val, not trained
+            timed(f"{name}: {given}, checked", check_stage, preset, root, out, stage, resume)
         else:                                       # "": the run folder's own, trained here
             timed(name, train, preset, root, out, resume)
     if budget == "long":
@@ -337,7 +339,8 @@ def write_report(preset: Preset, root: Path, out: Path, results: dict, timings: 
         "![DDIM](figures/ddim_masks.png)", "",
         "Stage 3 input: the DDIM latents kept for each prompt layer, decoded by the VAE (layer 0 = the final "
         "sample x̂₀, deeper layers noisier), next to the true mask.", "",
-        "![curves](figures/training_curves.png)", "", "Training curves of every stage (stages 1 and 2 as recorded when they were trained).", "",
+        "![curves](figures/training_curves.png)", "",
+        "Training curves of every stage (stages 1 and 2 as recorded when they were trained).", "",
         "![qualitative](figures/qualitative.png)", "", "Top box per expression (val), dashed: ground truth.", "",
         "## Time per stage (s)", "", "| stage | seconds |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in timings.items()], "",

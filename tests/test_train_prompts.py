@@ -257,11 +257,12 @@ def test_the_demo_measures_the_stages_it_is_given_and_reuses_the_measurement(tmp
         demo.check_stage(preset, data, out, "dit")
 
 
-def test_the_demo_trains_the_dit_only_on_its_own_mask_vae(tmp_path):
+@pytest.mark.parametrize("trained", ["vae", "dit"])
+def test_the_demo_takes_or_trains_the_mask_vae_and_the_dit_together(tmp_path, trained):
     from minidiffprompt import demo
     from minidiffprompt.config import get_preset
     preset = get_preset("tiny")
-    preset.prompt.dit_weights = ""                                  # the VAE stays the shipped one
-    with pytest.raises(ValueError, match='--vae_weights ""'):
+    setattr(preset.prompt, f"{trained}_weights", "")                # the other one stays the shipped one
+    with pytest.raises(ValueError, match="give both"):
         demo.main(preset, tmp_path / "data", tmp_path / "run")
     assert not (tmp_path / "data").exists()                         # refused before any work
