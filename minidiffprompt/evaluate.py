@@ -40,8 +40,10 @@ def predict(glip, prompter, dataset, preset: Preset, device, batch_size: int | N
     """GLIP's ranked boxes for every item: [{"boxes": (K,4) S-frame xyxy, "scores": (K,)}] in dataset order."""
     from .data.datasets import collate
     device = torch.device(device)
+    # its own generator: iterating a DataLoader draws a seed, which must not come from the global generator that
+    # Diff-Prompt's training noise comes from (a val check would change the run it checks)
     loader = DataLoader(dataset, batch_size=batch_size or preset.eval.batch_size, shuffle=False,
-                        collate_fn=collate)
+                        collate_fn=collate, generator=torch.Generator())
     was_training = [m.training for m in (glip, prompter) if m is not None]
     glip.eval()
     if prompter is not None:

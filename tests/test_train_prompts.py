@@ -266,3 +266,19 @@ def test_the_demo_takes_or_trains_the_mask_vae_and_the_dit_together(tmp_path, tr
     with pytest.raises(ValueError, match="give both"):
         demo.main(preset, tmp_path / "data", tmp_path / "run")
     assert not (tmp_path / "data").exists()                         # refused before any work
+
+
+def test_val_checks_leave_the_training_trajectory_alone(tmp_path, monkeypatch):
+    """Diff-Prompt trains on fresh DDIM noise from the global generator; the learning curve's val checks must not
+    draw from it, so that a run with `--val_every` trains the same weights as one without."""
+    from minidiffprompt import train_prompts
+    from minidiffprompt.utils.checkpoint import read_state_dict
+    monkeypatch.setenv("MDP_QUIET", "1")
+    preset, data, out = make_run(tmp_path)
+    preset.prompt = dataclasses.replace(preset.prompt, max_steps=3, batch_size=4, micro_batch=4)
+    train_prompts.main(preset, data, out)
+    preset.prompt = dataclasses.replace(preset.prompt, val_items=4, val_every=1, tag="curve")
+    assert len(train_prompts.main(preset, data, out)["val_curve"]) == 3
+    plain = read_state_dict(out / "prompts" / "diffprompt" / "model.safetensors")
+    curve = read_state_dict(out / "prompts" / "diffprompt-curve" / "model.safetensors")
+    assert plain.keys() == curve.keys() and all(torch.equal(plain[k], curve[k]) for k in plain)
