@@ -233,7 +233,8 @@ def test_a_dit_trained_with_another_parameterisation_is_refused(tmp_path):
 def test_the_demo_measures_the_stages_it_is_given_and_reuses_the_measurement(tmp_path, monkeypatch):
     """Given (not trained) stages 1–2, `demo.check_stage` measures them as `train-dit` and `train-vae` do, keeps the
     figures in RUN/checks.json, reuses them while the files are unchanged and measures again when they change."""
-    from minidiffprompt import demo, pipeline, train_dit
+    from minidiffprompt import demo, pipeline, train_dit, train_vae
+    from minidiffprompt.vae import load_mask_vae
     monkeypatch.setenv("MDP_QUIET", "1")
     preset, data, run = make_run(tmp_path)
     preset.prompt = dataclasses.replace(preset.prompt, vae_weights=str(run / "vae"), dit_weights=str(run / "dit"))
@@ -245,7 +246,10 @@ def test_the_demo_measures_the_stages_it_is_given_and_reuses_the_measurement(tmp
     val = train_dit.encode_split(data, "val", preset, vae, encoder, "cpu", max_items=6)
     want = train_dit.evaluate_generation(dit.eval(), vae.eval(), diffusion, val, num_steps=preset.dit.ddim_steps)
     assert {k: got[f"val_{k}"] for k in want} == want and got["weights"] == str(run / "dit")
-    assert 0 <= demo.check_stage(preset, data, out, "vae")["val_iou"] <= 1
+    val_masks = train_vae.mask_loader(data, "val", preset.data.mask_size, preset.vae.batch_size, False,
+                                      preset.vae.cache_masks, 0, torch.device("cpu"))
+    assert demo.check_stage(preset, data, out, "vae")["val_iou"] == \
+        train_vae.evaluate(load_mask_vae(run / "vae"), val_masks, torch.device("cpu"))["val_iou"]
 
     def measured_again(*args, **kwargs):
         raise RuntimeError("measured again")
