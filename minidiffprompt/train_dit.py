@@ -192,6 +192,13 @@ def evaluate_generation(dit: DiT, vae: MaskVAE, diffusion: GaussianDiffusion, en
     return result
 
 
+def generation_metrics(dit: DiT, vae: MaskVAE, diffusion: GaussianDiffusion, encoded: dict, cfg: DiTConfig) -> dict:
+    """`evaluate_generation` with the recipe's sampler (DDIM steps, guidance), under the names metrics.json records:
+    val_iou, val_iou_shuffled, val_iou_caption_shuffled, val_iou_first_step, val_items."""
+    gen = evaluate_generation(dit, vae, diffusion, encoded, num_steps=cfg.ddim_steps, guidance=cfg.guidance)
+    return {f"val_{k}": v for k, v in gen.items()}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
@@ -349,16 +356,13 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
     if not history:
         raise SystemExit(f"train-dit: nothing to train (epochs={cfg.epochs}); set --epochs to at least 1")
     ema.eval()
-    gen = evaluate_generation(ema, vae, diffusion, val, num_steps=cfg.ddim_steps, guidance=cfg.guidance)
+    gen = generation_metrics(ema, vae, diffusion, val, cfg)
     if is_main():                                  # every rank evaluated (same numbers); rank 0 writes
-        print(f"train-dit: val mask IoU of generated masks {gen['iou']:.3f} (shuffled conditions "
-              f"{gen['iou_shuffled']:.3f}, shuffled captions {gen['iou_caption_shuffled']:.3f}; the first step's "
-              f"x̂_0 {gen['iou_first_step']:.3f}; {gen['items']} "
+        print(f"train-dit: val mask IoU of generated masks {gen['val_iou']:.3f} (shuffled conditions "
+              f"{gen['val_iou_shuffled']:.3f}, shuffled captions {gen['val_iou_caption_shuffled']:.3f}; the first "
+              f"step's x̂_0 {gen['val_iou_first_step']:.3f}; {gen['val_items']} "
               f"items, DDIM {cfg.ddim_steps}" + (f", guidance {cfg.guidance:g})" if cfg.guidance != 1 else ")"))
-    metrics = {"val_iou": gen["iou"], "val_iou_shuffled": gen["iou_shuffled"],
-               "val_iou_caption_shuffled": gen["iou_caption_shuffled"], "val_iou_first_step": gen["iou_first_step"],
-               "val_items": gen["items"],
-               "loss": history[-1]["loss"], "epochs": len(history), "steps": steps, "parameters": n_params,
+    metrics = {**gen, "loss": history[-1]["loss"], "epochs": len(history), "steps": steps, "parameters": n_params,
                "train_seconds": round(elapsed, 2), "history": history}
     arch = dit_arch(cfg)
     if is_main():
