@@ -220,10 +220,12 @@ def test_a_run_is_reused_only_on_the_same_data_and_upstream_weights(tmp_path, mo
     with pytest.raises(RunMismatch, match="data.train.json"):
         train_vae.main(preset, data, tmp_path / "run")
     assert tree(tmp_path / "run") == before
-    # stage 3's identity holds the base GLIP's files: other weights at the same path are another run
+    # stage 3's identity holds the base GLIP's files: other weights at the same path are another run, also when
+    # the folder holds a vocab.txt, as every GLIP and BERT folder does (a data root has one too)
     out = tmp_path / "run"
     (out / "glip").mkdir()
     (out / "glip" / "model.safetensors").write_bytes(b"one")
+    (out / "glip" / "vocab.txt").write_text("[PAD]\n")
     preset.prompt.glip_weights, preset.prompt.method = "", "vpt"
     first = run_config(preset, preset.prompt, data, out)
     (out / "glip" / "model.safetensors").write_bytes(b"two")

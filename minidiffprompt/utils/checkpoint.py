@@ -120,8 +120,8 @@ _FINGERPRINTS: dict = {}
 
 def fingerprint(path) -> dict | str | None:
     """What a run's result depends on in an input, as sha256 digests (16 hex digits): a data root's split files
-    ({name: digest}), a weights file, or a weights folder's weight files. None for a missing path. Digests are
-    cached per (file, size, mtime) within a process."""
+    ({name: digest}), a weights file, or a weights folder's weight files and vocabulary. None for a missing path.
+    Digests are cached per (file, size, mtime) within a process."""
     path = Path(path)
     if not path.exists():
         return None
@@ -134,9 +134,12 @@ def fingerprint(path) -> dict | str | None:
         return _FINGERPRINTS[key]
     if path.is_file():
         return digest(path)
-    data = ("train.json", "val.json", "testA.json", "testB.json", "detection.json", "vocab.txt")
-    names = [n for n in data if (path / n).exists()] or sorted(
-        f.name for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    data = ("train.json", "val.json", "testA.json", "testB.json", "detection.json")
+    if any((path / n).exists() for n in data):     # a data root: its split files and vocabulary
+        names = [n for n in (*data, "vocab.txt") if (path / n).exists()]
+    else:                                           # a weights folder: its weights and vocabulary
+        names = sorted(f.name for f in path.iterdir()
+                       if f.suffix in (".safetensors", ".bin", ".pt", ".pth") or f.name == "vocab.txt")
     return {n: digest(path / n) for n in names}
 
 
