@@ -136,6 +136,7 @@ def trained_methods(out: Path) -> list[Path]:
 
 def qualitative_figure(samples: dict, dataset, preset: Preset, path: Path, n: int = 6) -> Path:
     """One panel per expression: the image, the ground-truth box (dashed) and each method's top box."""
+    import textwrap
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -153,7 +154,7 @@ def qualitative_figure(samples: dict, dataset, preset: Preset, path: Path, n: in
                 x1, y1, x2, y2 = preds[j]["boxes"][0].tolist()
                 ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.5, ec=colors[c % len(colors)],
                                        label=method))
-        ax.set_title(item["caption"][:32], fontsize=8)
+        ax.set_title("\n".join(textwrap.wrap(item["caption"], 30)), fontsize=8)   # whole, on up to 3 lines
         ax.axis("off")
     handles = [Rectangle((0, 0), 1, 1, fill=False, ec="lime", ls="--", label="ground truth")]
     handles += [Rectangle((0, 0), 1, 1, fill=False, ec=colors[c % len(colors)], label=m) for c, m in enumerate(samples)]
