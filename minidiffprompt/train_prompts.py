@@ -150,7 +150,8 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
             else:
                 loader.generator.manual_seed(cfg.seed + epoch)  # the same order whether resumed or not
             running, count, epoch_steps = 0.0, 0, 0
-            bar = progress(loader, desc=f"{folder.name} epoch {epoch + 1}/{cfg.epochs}", leave=False)
+            bar = progress(loader, desc=f"{folder.name} epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                           total=min(len(loader), cfg.max_steps * accum) if cfg.max_steps else None)
             optimizer.zero_grad(set_to_none=True)
             for group in chunks(bar, accum):          # the micro batches of one optimizer step
                 normalizers = step_normalizers(glip, group, accum)
