@@ -197,7 +197,9 @@ class GLIPConfig:
         # BERT (train_bert.py), kept frozen: fine-tuned, as GLIP fine-tunes bert-base, the detector learned faster but
         # its colour words merged (README, "Colour"). Half of the prompts are phrases, half of those naming attributes
         # only ("green"), images are flipped, and Swin's absolute position table is on: at 96 px the zero-padded maps
-        # carry little position (README, position probe).
+        # carry little position (README, position probe). The shipped GLIP is this recipe, then 30 more epochs from
+        # its weights with `--init_weights ... --phrase_prompts 0.75 --lr 5e-4 --epochs 30` (attribute R@1 on val
+        # 76.5 → 80.5 %; README, "Colour").
         return cls(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, drop_path_rate=0.0,
                    fpn_channels=32, fpn_drop_block=0.0, dyhead_blocks=1, anchor_scale=2.0, text_model="",
                    text_hidden=64, text_layers=4, text_heads=2, max_query_len=32, lr=2e-3, head_lr_mult=10.0,

@@ -1,6 +1,8 @@
 """Tiny GLIP pre-training on the synthetic detection split, then zero-shot evaluation of the frozen detector.
 
-    python -m minidiffprompt train-glip --preset tiny                  # → runs/tiny/glip/ (the shipped recipe)
+    python -m minidiffprompt train-glip --preset tiny                  # → runs/tiny/glip/ (240 epochs), then
+    python -m minidiffprompt train-glip --preset tiny --init_weights runs/tiny/glip --phrase_prompts 0.75 \
+        --lr 5e-4 --epochs 30 --out runs/tiny-cont                     # → runs/tiny-cont/glip/: the shipped recipe
     python -m minidiffprompt train-glip --preset tiny --text_weights runs/tiny/bert    # from your own train-bert
 
 The stand-in for GLIP-T(A)'s Objects365 pre-training, run once and shipped (minidiffprompt/pretrained/tiny_glip):
