@@ -40,7 +40,7 @@ LABELS = {"zeroshot": "zero-shot GLIP (frozen base)", "vpt": "VPT-deep (visual p
           "textprompt": "deep text prompts", "diffprompt": "Diff-Prompt", "full": "full fine-tuning",
           "oracle": "Diff-Prompt fed the true mask (oracle)"}
 # the long study: per method (name → prompt settings) a learning-rate grid; full fine-tuning gets its own
-LONG = {"steps": 240, "select_items": 300, "val_every": 40,
+LONG = {"steps": 240, "select_items": 300, "val_every": 80,
         "methods": {"vpt": ({"method": "vpt"}, (1e-3, 3e-3, 1e-2)),
                     "textprompt": ({"method": "textprompt"}, (1e-3, 3e-3, 1e-2)),
                     "diffprompt": ({"method": "diffprompt"}, (1e-3, 3e-3, 1e-2)),
