@@ -161,7 +161,7 @@ def qualitative_figure(samples: dict, dataset, preset: Preset, path: Path, n: in
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")     # with the titles of up to three lines
     plt.close(fig)
     return path
 
