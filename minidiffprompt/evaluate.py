@@ -102,6 +102,21 @@ def by_kind(hits: torch.Tensor, kinds: list[str]) -> dict:
     return {**dict(sorted(out.items())), "all": 100.0 * hits.mean().item()}
 
 
+def agreement(mask_hits: torch.Tensor, base_hits: torch.Tensor, kinds: list[str]) -> dict:
+    """Do the DiT's masks know what the base does not? Per expression kind and "all": how often the generated mask
+    hits the referred object (`mask_hits`, e.g. mask IoU >= 0.5) overall, where the zero-shot base misses and where
+    it hits (`base_hits`, its R@1 hits on the same items), in percent. Independent errors give the same rate in
+    both columns; a mask path can only add what the mask gets right where the base is wrong."""
+    out = {}
+    for kind in [*sorted(set(kinds) - {"all"}), "all"]:
+        sel = torch.tensor([kind == "all" or k == kind for k in kinds])
+        m, b = mask_hits[sel].bool(), base_hits[sel].bool()
+        rate = lambda x: 100.0 * x.double().mean().item() if len(x) else float("nan")
+        out[kind] = {"n": int(sel.sum()), "mask": rate(m), "base": rate(b),
+                     "mask_where_base_misses": rate(m[~b]), "mask_where_base_hits": rate(m[b])}
+    return out
+
+
 def paired_difference(a: torch.Tensor, b: torch.Tensor) -> dict:
     """R@1 of a minus R@1 of b on the same expressions, with the standard error of that paired difference
     (sd of the per-item differences / √n), both in points."""

@@ -286,3 +286,16 @@ def test_val_checks_leave_the_training_trajectory_alone(tmp_path, monkeypatch):
     plain = read_state_dict(out / "prompts" / "diffprompt" / "model.safetensors")
     curve = read_state_dict(out / "prompts" / "diffprompt-curve" / "model.safetensors")
     assert plain.keys() == curve.keys() and all(torch.equal(plain[k], curve[k]) for k in plain)
+
+
+def test_agreement_counts_mask_hits_where_the_base_misses_and_where_it_hits():
+    """Six items, two kinds, counted by hand: the masks hit 2 of the 3 items the base misses and 1 of the 3 it hits."""
+    from minidiffprompt.evaluate import agreement
+    mask = torch.tensor([1, 1, 0, 0, 1, 0])
+    base = torch.tensor([0, 0, 0, 1, 1, 1])
+    kinds = ["extreme", "extreme", "attribute", "attribute", "extreme", "attribute"]
+    got = agreement(mask, base, kinds)
+    assert got["all"] == {"n": 6, "mask": 50.0, "base": 50.0, "mask_where_base_misses": pytest.approx(200 / 3),
+                          "mask_where_base_hits": pytest.approx(100 / 3)}
+    assert got["extreme"]["mask_where_base_misses"] == 100.0 and got["extreme"]["mask_where_base_hits"] == 100.0
+    assert got["attribute"]["mask"] == 0.0 and got["attribute"]["n"] == 3

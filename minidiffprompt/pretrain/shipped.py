@@ -10,7 +10,8 @@ notebooks 02-06 build on, as the paper's stage 3 can start from the authors' rel
 
 The real pipeline starts from downloaded weights (GLIP-T(A)'s `glip_a_tiny_o365.pth`, bert-base-uncased, CLIP);
 the tiny pipeline starts from these, made once by the package's own commands: the BERT, GLIP and CLIP with a budget
-far beyond the demo's, the Mask-VAE and DiT with the demo's own recipe.
+far beyond the demo's, the Mask-VAE and DiT with the tiny preset's own recipes (the DiT's 80 epochs take longer than
+the demo's 10 minutes; `demo --vae_weights "" --dit_weights ""` runs them).
 Each folder holds the run's weights and config, and a `metrics.json` with the command that made them, its wall
 time, what they reach, and the sha256 and size of every other file. A file that does not match is an error that
 names it: the package never runs on altered or truncated weights.
