@@ -107,11 +107,13 @@ def agreement(mask_hits: torch.Tensor, base_hits: torch.Tensor, kinds: list[str]
     hits the referred object (`mask_hits`, e.g. mask IoU >= 0.5) overall, where the zero-shot base misses and where
     it hits (`base_hits`, its R@1 hits on the same items), in percent. Independent errors give the same rate in
     both columns; a mask path can only add what the mask gets right where the base is wrong."""
+    def rate(x):
+        return 100.0 * x.double().mean().item() if len(x) else float("nan")
+
     out = {}
     for kind in [*sorted(set(kinds) - {"all"}), "all"]:
         sel = torch.tensor([kind == "all" or k == kind for k in kinds])
         m, b = mask_hits[sel].bool(), base_hits[sel].bool()
-        rate = lambda x: 100.0 * x.double().mean().item() if len(x) else float("nan")
         out[kind] = {"n": int(sel.sum()), "mask": rate(m), "base": rate(b),
                      "mask_where_base_misses": rate(m[~b]), "mask_where_base_hits": rate(m[b])}
     return out
