@@ -48,7 +48,7 @@ class MaskAdapter(nn.Module):
             raise ValueError(f"MaskAdapter: prompt length must be even (L/2 generated + L/2 global), got {length}")
         if not (generated or global_):
             raise ValueError("MaskAdapter: at least one of generated / global_ tokens must be enabled")
-        self.length, self.dim, self.depth = length, dim, depth
+        self.length, self.dim, self.depth, self.in_size = length, dim, depth, in_size
         self.generated, self.global_ = generated, global_
         self.half = length // 2
         if generated:

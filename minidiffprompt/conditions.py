@@ -201,7 +201,8 @@ def build_condition_encoder(cfg) -> ConditionEncoder:
             raise ValueError("image_map needs a tiny condition encoder (CLIP gives one global image feature)")
         enc = CLIPConditionEncoder(cfg.clip_path)
     elif cfg.condition == "tiny":
-        enc = TinyConditionEncoder(dim=cfg.cond_dim, seed=0, map_size=cfg.input_size if cfg.image_map else 0,
+        enc = TinyConditionEncoder(dim=cfg.cond_dim, seed=0,
+                                   map_size=(cfg.image_map_size or cfg.input_size) if cfg.image_map else 0,
                                    max_words=cfg.caption_tokens or 16, tokens=cfg.caption_tokens > 0)
     elif cfg.condition == "tiny_clip":
         if cfg.caption_tokens:

@@ -75,6 +75,7 @@ class DiTConfig:
     clip_path: str = "openai/clip-vit-base-patch32"  # local folder or HF-cache name; never downloaded
     cond_dim: int = 512
     image_map: bool = False        # tiny option: the image as a map beside x_t instead of a global feature
+    image_map_size: int = 0        # tiny option: the image map's side (0: the latent grid; larger: a conv stem in the DiT)
     caption_tokens: int = 0        # tiny option: the caption as up to that many word tokens in the DiT's sequence
     diffusion_steps: int = 100
     noise_schedule: str = "linear"  # training schedule: DiT-main/train.py keeps create_diffusion's default
@@ -162,8 +163,9 @@ class GLIPConfig:
     text_weights: str = ""         # pre-training starts the language backbone from a `train-bert` folder
     init_weights: str = ""         # pre-training continues a trained GLIP (a train-glip folder, shipped:tiny_glip)
     swin_ape: int = 0              # Swin's absolute position table, its side in patches (0 = off, as GLIP-T(A))
-    swin_sincos: float = 0.0       # scale of a fixed 2-D sine-cosine position table on the patch tokens (0 = off)
+    swin_sincos: float = 0.0       # scale of a fixed 2-D sine-cosine position table at every Swin stage (0 = off)
     fpn_sincos: float = 0.0        # the same on every FPN level, cells counted in P3 cells (0 = off)
+    head_sincos: float = 0.0       # the same on the region features the head scores (the DyHead output; 0 = off)
     max_query_len: int = 256
     num_cls_logits: int = 80       # unused head, kept so the O365 checkpoint loads strictly
     atss_topk: int = 9
@@ -227,6 +229,8 @@ class PromptConfig:
     generated: bool = True         # the L/2 mask-specific tokens
     oracle_masks: bool = False     # diagnostic: the ground-truth mask at every depth instead of DDIM samples
     global_tokens: bool = True     # the L/2 learnable global tokens
+    prompt_layout: str = "shared"  # "shared": one set of visual tokens for every Swin window (the paper); "windows":
+                                   # each window's generated tokens from the part of the mask under it (not the paper)
     ddim_steps: int = 25
     eta: float = 0.0
     sampling_schedule: str = "train"  # "train" (correct) or "squaredcos_cap_v2" (the authors' stage-3 sampler)
@@ -261,6 +265,8 @@ class PromptConfig:
                                  + [f"{glip.text_layers} BERT layers"] * textual)
             raise ValueError(f"--depth {self.depth}: the prompts go into one layer each, so depth must be 1..{limit} "
                              f"({where})")
+        if self.prompt_layout not in ("shared", "windows"):
+            raise ValueError(f"--prompt_layout {self.prompt_layout!r}: choose shared (the paper's) or windows")
         if self.method == "diffprompt" and (self.length < 2 or self.length % 2):
             raise ValueError(f"--length {self.length}: Diff-Prompt splits each layer's tokens into L/2 generated and "
                              "L/2 global ones, so length must be even and at least 2")

@@ -125,7 +125,7 @@ def check_stage(preset: Preset, root: Path, out: Path, stage: str, resume: bool 
         vae, dit, diffusion, encoder = load_generator_parts(preset, out)
         vae, dit, encoder = vae.to(device).eval(), dit.to(device).eval(), encoder.to(device)
         val = train_dit.encode_split(root, "val", preset, vae, encoder, device, max_items=preset.dit.eval_items)
-        measured = train_dit.generation_metrics(dit, vae, diffusion, val, preset.dit)
+        measured = train_dit.generation_metrics(dit, vae, diffusion, val, preset.dit, synthetic=preset.name == "tiny")
     checks[stage] = {**measured, "weights": getattr(preset.prompt, f"{stage}_weights"), "files": files}
     write_json(record, checks)
     print(f"[demo] {stage} ({checks[stage]['weights']}): val IoU {measured['val_iou']:.3f}", flush=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import train_dit
 from .config import METHODS, Preset, PromptConfig
+from .glip.swin import block_grids
 from .prompting import DiffPromptGenerator, LearnablePrompts, freeze
 from .utils.checkpoint import check_state, fingerprint, load_strict, read_state_dict
 
@@ -94,8 +95,10 @@ def build_prompter(preset: Preset, out: Path, cfg: PromptConfig | None = None):
     if cfg.method == "diffprompt":
         sampled = cfg.generated and not cfg.oracle_masks
         parts = load_generator_parts(preset, out) if sampled else (None, None, None, None)
+        grids = block_grids(preset.data.image_size, g.patch_size, g.depths, g.window_size)
         return DiffPromptGenerator(*parts, cfg, vision_dim=g.embed_dim, text_dim=g.text_hidden,
-                                   mask_size=preset.data.mask_size, guidance=preset.dit.guidance)
+                                   mask_size=preset.data.mask_size, guidance=preset.dit.guidance,
+                                   windows=[(h, w, g.window_size, shift) for h, w, shift in grids])
     if cfg.method == "vpt":
         return LearnablePrompts(cfg.depth, cfg.length, vision_dim=g.embed_dim)
     if cfg.method == "textprompt":

@@ -19,6 +19,7 @@ text-prompt baseline (learnable textual prompts per layer, CoOp-style context ve
 from __future__ import annotations
 
 import torch
+from einops import rearrange, repeat
 from torch import nn
 
 from .adapters import GlobalPrompt, MaskAdapter
@@ -26,6 +27,7 @@ from .config import PromptConfig
 from .data.datasets import glip_normalize
 from .diffusion import authors_keep_policy
 from .dit import guided
+from .glip.swin import window_crops
 
 
 def seeded_noise(shape: tuple, seeds: list[int], device) -> torch.Tensor:
@@ -47,7 +49,7 @@ class DiffPromptGenerator(nn.Module):
 
     def __init__(self, vae: nn.Module | None, dit: nn.Module | None, diffusion, condition_encoder,
                  cfg: PromptConfig, vision_dim: int = 96, text_dim: int = 768, mask_size: int = 224,
-                 guidance: float = 1.0):
+                 guidance: float = 1.0, windows: list[tuple[int, int, int, int]] | None = None):
         super().__init__()
         if not (cfg.visual or cfg.textual):
             raise ValueError("DiffPromptGenerator: both visual and textual prompts are switched off; "
@@ -59,6 +61,11 @@ class DiffPromptGenerator(nn.Module):
         kw = dict(generated=cfg.generated, global_=cfg.global_tokens, in_size=mask_size)
         self.dit2vision = MaskAdapter(cfg.length, vision_dim, cfg.depth, **kw) if cfg.visual else None
         self.dit2language = MaskAdapter(cfg.length, text_dim, cfg.depth, **kw) if cfg.textual else None
+        # prompt_layout "windows" (not the paper's): Swin block d's windows, (H, W, window size, shift) of its token
+        # grid (swin.block_grids), each of which gets the tokens of the part of the mask under it
+        self.windows = windows if cfg.prompt_layout == "windows" and cfg.visual and cfg.generated else None
+        if cfg.prompt_layout == "windows" and self.windows is None and cfg.visual and cfg.generated:
+            raise ValueError("prompt_layout 'windows' needs the Swin's window grids (windows=...)")
         # without specific tokens nothing is sampled at all; with oracle masks the true mask replaces the samples
         self.needs_masks = cfg.generated and not cfg.oracle_masks
         if self.needs_masks:
@@ -120,9 +127,25 @@ class DiffPromptGenerator(nn.Module):
             if true_masks is None:
                 raise ValueError("oracle_masks: pass the ground-truth masks (true_masks=(B, 1, M, M))")
             masks = true_masks.to(images01.device, images01.dtype).expand(self.depth, *true_masks.shape)
-        visual = self.dit2vision.forward_all(masks, b) if self.dit2vision is not None else None
+        if self.windows is not None:
+            visual = [self.window_prompts(masks[d], d) for d in range(self.depth)]
+        else:
+            visual = self.dit2vision.forward_all(masks, b) if self.dit2vision is not None else None
         textual = self.dit2language.forward_all(masks, b) if self.dit2language is not None else None
         return visual, textual
+
+
+    def window_prompts(self, mask: torch.Tensor, d: int) -> torch.Tensor:
+        """Layer d's visual prompts, one set per window of Swin block d (B, nW, L, dim): each window's generated
+        tokens from the part of `mask` (B, 1, M, M) under it, then the layer's global tokens."""
+        H, W, ws, shift = self.windows[d]
+        adapter = self.dit2vision
+        crops = window_crops(mask, H, W, ws, shift, adapter.in_size)            # (B, nW, 1, M, M)
+        b, n = crops.shape[:2]
+        tokens = rearrange(adapter.specific(crops.flatten(0, 1)), "(b w) l c -> b w l c", b=b)
+        if adapter.global_:
+            tokens = torch.cat([tokens, repeat(adapter.global_prompt[d](b), "b l c -> b w l c", w=n)], dim=2)
+        return tokens
 
 
 class LearnablePrompts(nn.Module):

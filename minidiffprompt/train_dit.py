@@ -162,14 +162,18 @@ def mask_iou(pred, target, threshold: float = 0.5) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_generation(dit: DiT, vae: MaskVAE, diffusion: GaussianDiffusion, encoded: dict, num_steps: int = 25,
-                        seed: int = EVAL_SEED, threshold: float = 0.5, guidance: float = 1.0) -> dict:
+                        seed: int = EVAL_SEED, threshold: float = 0.5, guidance: float = 1.0,
+                        kinds: list[str] | None = None) -> dict:
     """Mean IoU of DDIM-generated masks (VAE-decoded, thresholded) against the ground truth, with the right
     conditions, with shuffled ones (each sample gets another sample's image + caption features, same noise) and
     with shuffled captions only (its own image, another sample's caption).
     Shuffled is the floor: what the DiT gets from mask statistics alone, without knowing which object is meant;
     the caption-shuffled figure shows how much of the gain comes from the image alone. `iou_first_step` decodes
     the x̂_0 of the sampler's first step instead (same noise, right conditions): the DiT's one-shot guess of
-    the mask from pure noise, before sampling commits to one outcome."""
+    the mask from pure noise, before sampling commits to one outcome. `hit50` is the share of items (percent) whose
+    conditioned mask overlaps the true one at IoU ≥ 0.5, the mask's own R@1, by expression kind (`kinds`, one per
+    item; without them all items count as "all"): what the mask path can tell the detector, next to the base's R@1."""
+    from .evaluate import by_kind
     n = len(encoded["mask"])
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
     order = torch.empty_like(perm)
@@ -178,7 +182,7 @@ def evaluate_generation(dit: DiT, vae: MaskVAE, diffusion: GaussianDiffusion, en
 
     def iou(z):
         masks = torch.cat([vae.decode(z[i:i + 256].to(device)).cpu() for i in range(0, n, 256)])   # (N, 1, M, M)
-        return mask_iou(masks, encoded["mask"], threshold).mean().item()
+        return mask_iou(masks, encoded["mask"], threshold)
 
     result = {}
     same = torch.arange(n)
@@ -186,16 +190,23 @@ def evaluate_generation(dit: DiT, vae: MaskVAE, diffusion: GaussianDiffusion, en
         z, _ = generate_latents(dit, diffusion, encoded["image_features"][img], encoded["text_features"][txt],
                                 num_steps, seed, guidance=guidance)
         result[name] = iou(z)
+    result["hit50"] = by_kind(result["iou"] >= 0.5, kinds or ["all"] * n)
+    result = {k: v.mean().item() if torch.is_tensor(v) else v for k, v in result.items()}
     result["iou_first_step"] = iou(first_step_x0(dit, diffusion, encoded["image_features"], encoded["text_features"],
-                                                 num_steps, seed, guidance))
+                                                 num_steps, seed, guidance)).mean().item()
     result["items"] = n
     return result
 
 
-def generation_metrics(dit: DiT, vae: MaskVAE, diffusion: GaussianDiffusion, encoded: dict, cfg: DiTConfig) -> dict:
+def generation_metrics(dit: DiT, vae: MaskVAE, diffusion: GaussianDiffusion, encoded: dict, cfg: DiTConfig,
+                       synthetic: bool = False) -> dict:
     """`evaluate_generation` with the recipe's sampler (DDIM steps, guidance), under the names metrics.json records:
-    val_iou, val_iou_shuffled, val_iou_caption_shuffled, val_iou_first_step, val_items."""
-    gen = evaluate_generation(dit, vae, diffusion, encoded, num_steps=cfg.ddim_steps, guidance=cfg.guidance)
+    val_iou, val_iou_shuffled, val_iou_caption_shuffled, val_hit50 (by expression kind on the synthetic set),
+    val_iou_first_step, val_items."""
+    from .data.synthetic import expression_kind
+    kinds = [expression_kind(c) for c in encoded["caption"]] if synthetic else None
+    gen = evaluate_generation(dit, vae, diffusion, encoded, num_steps=cfg.ddim_steps, guidance=cfg.guidance,
+                              kinds=kinds)
     return {f"val_{k}": v for k, v in gen.items()}
 
 
@@ -356,8 +367,10 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
     if not history:
         raise SystemExit(f"train-dit: nothing to train (epochs={cfg.epochs}); set --epochs to at least 1")
     ema.eval()
-    gen = generation_metrics(ema, vae, diffusion, val, cfg)
+    gen = generation_metrics(ema, vae, diffusion, val, cfg, synthetic=preset.name == "tiny")
     if is_main():                                  # every rank evaluated (same numbers); rank 0 writes
+        print(f"train-dit: {gen['val_hit50']['all']:.1f} % of the val masks hit their object (IoU ≥ 0.5; "
+              + ", ".join(f"{k} {v:.1f}" for k, v in gen["val_hit50"].items() if k != "all") + ")")
         print(f"train-dit: val mask IoU of generated masks {gen['val_iou']:.3f} (shuffled conditions "
               f"{gen['val_iou_shuffled']:.3f}, shuffled captions {gen['val_iou_caption_shuffled']:.3f}; the first "
               f"step's x̂_0 {gen['val_iou_first_step']:.3f}; {gen['val_items']} "

@@ -250,7 +250,7 @@ def test_the_colour_probe_reads_colour_from_pixels_and_not_from_a_blind_network(
             self.backbone.fpn = lambda c: [torch.ones(len(c[0]), 4, 4, 4)] * 5
             self.rpn = torch.nn.Module()
             self.rpn.head = torch.nn.Module()
-            self.rpn.head.dyhead_tower = []
+            self.rpn.head.tower = lambda feats: feats
     acc = colour_probe(Blind(), images, boxes, colours)["accuracy"]
     assert acc["pixels"] == 100.0 and acc["fpn_P3"] < 60 and acc["dyhead_P3"] < 60
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from minidiffprompt.utils.checkpoint import keys_from_tsv
 from minidiffprompt.conditions import TinyConditionEncoder
-from minidiffprompt.config import PromptConfig
+from minidiffprompt.config import GLIPConfig, PromptConfig
 from minidiffprompt.diffusion import GaussianDiffusion, get_betas
 from minidiffprompt.dit import DiT
 from minidiffprompt.prompting import DiffPromptGenerator, LearnablePrompts, count_trainable
@@ -147,3 +147,33 @@ def test_oracle_masks_feed_the_true_mask_at_every_depth():
     assert all(not torch.allclose(x, y) for x, y in zip(va + ta, vb + tb))
     with pytest.raises(ValueError, match="ground-truth masks"):
         gen(images, ["x", "y"])
+
+
+def test_windows_layout_gives_each_window_the_tokens_of_its_part_of_the_mask():
+    """prompt_layout "windows" (not the paper's): per Swin block, one set of visual tokens per window, generated from
+    the crop of the mask under that window (swin.window_crops), the global tokens after them; text prompts as before."""
+    from minidiffprompt.glip.swin import window_crops
+    grids = [(8, 8, 4, 0), (8, 8, 4, 2), (4, 4, 4, 0)]
+    cfg = PromptConfig(depth=3, length=4, oracle_masks=True, prompt_layout="windows")
+    gen = DiffPromptGenerator(None, None, None, None, cfg, vision_dim=8, text_dim=16, mask_size=32,
+                              windows=grids).eval()
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[:, :, 2:10, 2:10] = 1                       # inside the top-left window of the 8×8 grid
+    with torch.no_grad():
+        visual, textual = gen(torch.rand(2, 3, 32, 32), ["x", "y"], true_masks=mask)
+        shared = DiffPromptGenerator(None, None, None, None, PromptConfig(depth=3, length=4, oracle_masks=True),
+                                     vision_dim=8, text_dim=16, mask_size=32)
+        shared.load_state_dict(gen.state_dict())
+        assert all(torch.equal(a, b) for a, b in zip(textual, shared(torch.rand(2, 3, 32, 32), ["x", "y"],
+                                                                        true_masks=mask)[1]))
+        assert [tuple(v.shape) for v in visual] == [(2, 4, 4, 8), (2, 4, 4, 8), (2, 1, 4, 8)]
+        for d, (H, W, ws, shift) in enumerate(grids):
+            crops = window_crops(mask, H, W, ws, shift, 32)
+            for w in range(crops.shape[1]):
+                torch.testing.assert_close(visual[d][:, w, :2], gen.dit2vision.specific(crops[:, w]))
+                torch.testing.assert_close(visual[d][:, w, 2:], gen.dit2vision.global_prompt[d](2))
+        empty = gen.dit2vision.specific(torch.zeros(2, 1, 32, 32))
+        assert not torch.allclose(visual[0][:, 0, :2], empty)          # the window over the object
+        torch.testing.assert_close(visual[0][:, 3, :2], empty)         # a window with no mask under it
+    with pytest.raises(ValueError, match="prompt_layout"):
+        PromptConfig(depth=4, prompt_layout="tiles").check(GLIPConfig.tiny())

@@ -37,8 +37,8 @@ def naive_block(block: SwinBlock, x, H, W, prompts=None):
                 cells = [(wr * ws + r, wc * ws + c) for r in range(ws) for c in range(ws)]  # rolled-map coordinates
                 src = [((i + s) % Hp, (j + s) % Wp) for i, j in cells]                      # roll by -s
                 tokens = torch.stack([y[b, i, j] for i, j in src])
-                if prompts is not None:
-                    tokens = torch.cat([tokens, prompts[b]])  # prompts of THIS image, after the window tokens
+                if prompts is not None:                   # prompts of THIS image (window), after the window tokens
+                    tokens = torch.cat([tokens, prompts[b] if prompts.ndim == 3 else prompts[b, wr * (Wp // ws) + wc]])
                 n = tokens.shape[0]
                 qkv = tokens @ attn.qkv.weight.T + attn.qkv.bias
                 q, k, v = qkv[:, :C], qkv[:, C:2 * C], qkv[:, 2 * C:]
@@ -76,6 +76,45 @@ def test_block_matches_naive_window_loop(size, shift, num_prompts):
         got = block(x, size, size, prompts)
         want = naive_block(block, x, size, size, prompts)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("size,shift", [(8, 0), (8, 2), (6, 2)])
+def test_per_window_prompts_match_the_naive_window_loop(size, shift):
+    """prompt_layout "windows": window k of image b attends to prompts[b, k], windows in the block's (rolled) order."""
+    torch.manual_seed(0)
+    block = SwinBlock(dim=16, num_heads=2, window_size=4, shift=shift).double().eval()
+    x = torch.randn(2, size * size, 16, dtype=torch.double)
+    n_windows = (-(-size // 4)) ** 2
+    prompts = torch.randn(2, n_windows, 3, 16, dtype=torch.double)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, size, size, prompts), naive_block(block, x, size, size, prompts),
+                                   rtol=1e-10, atol=1e-10)
+        same = prompts[:, :1].expand_as(prompts)      # one set repeated over the windows = the shared layout
+        torch.testing.assert_close(block(x, size, size, same), block(x, size, size, same[:, 0]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="windows"):
+        block(x, size, size, prompts[:, :1].expand(2, n_windows + 1, 3, 16))
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+def test_window_crops_give_each_window_the_mask_under_it(shift):
+    """A mask covering one token lands in the crop of the window that holds that token after the block's roll."""
+    from minidiffprompt.glip.swin import block_grids, window_crops
+    H = W = 6
+    ws, k = 4, 8                                    # crops of 32 px: 8 px per token
+    Hp = Wp = 8
+    for i, j in [(0, 0), (1, 4), (5, 5), (3, 2)]:
+        mask = torch.zeros(1, 1, H, W)
+        mask[0, 0, i, j] = 1.0
+        crops = window_crops(F.interpolate(mask, size=(60, 60), mode="nearest"), H, W, ws, shift, ws * k)
+        assert crops.shape == (1, (Hp // ws) * (Wp // ws), 1, ws * k, ws * k)
+        r, c = (i - shift) % Hp, (j - shift) % Wp      # where the roll by -shift puts the token
+        window = (r // ws) * (Wp // ws) + c // ws
+        mass = crops.sum(dim=(2, 3, 4))[0]
+        assert mass.argmax() == window and mass[window] > 0.95 * mass.sum()
+        inside = crops[0, window, 0, (r % ws) * k:(r % ws + 1) * k, (c % ws) * k:(c % ws + 1) * k]
+        assert inside.sum() > 0.9 * mass[window]
+    assert block_grids(224, 4, (2, 2, 6, 2), 7)[:4] == [(56, 56, 0), (56, 56, 3), (28, 28, 0), (28, 28, 3)]
+    assert block_grids(96, 4, (2, 2, 2, 2), 4)[-1] == (3, 3, 2)
 
 
 def test_prompts_land_only_in_their_own_image():

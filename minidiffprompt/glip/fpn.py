@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
-from .swin import sincos_table
+from .swin import position_code
 
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
@@ -85,11 +84,4 @@ class FPN(nn.Module):
             # DropBlock acts on what the output conv sees, not on the top-down path
             results.insert(0, getattr(self, f"fpn_layer{level}")(self.drop_block(inner)))
         results += self.top_blocks(results[-1])
-        if self.sincos:
-            # a fixed 2-D sine-cosine code of where each cell lies, counted in P3 cells, on every level (as DETR
-            # codes the position of its detection features; not part of GLIP-T(A))
-            H3 = results[0].shape[-2]
-            results = [r + self.sincos * rearrange(
-                sincos_table(r.shape[1], *r.shape[-2:], scale=H3 / r.shape[-2]).to(r),
-                "(h w) c -> c h w", h=r.shape[-2]) for r in results]
-        return results
+        return position_code(results, self.sincos)   # a fixed code of where each cell lies (0: off, as GLIP-T(A))

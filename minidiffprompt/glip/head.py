@@ -19,6 +19,7 @@ from torch import nn
 from torchvision.ops import nms
 
 from .dyhead import DyConv
+from .swin import position_code
 
 # ----------------------------------------------------------------------------------------------------------------
 # Anchors and the box coder
@@ -118,8 +119,9 @@ class GroundingHead(nn.Module):
     """`rpn.head`: DyHead tower + box, centerness and dot-product region–token predictions (GLIP's `VLDyHead`)."""
 
     def __init__(self, channels: int = 256, text_hidden: int = 768, num_blocks: int = 6, gn_groups: int = 16,
-                 num_cls_logits: int = 80, num_levels: int = 5, prior_prob: float = 0.01):
+                 num_cls_logits: int = 80, num_levels: int = 5, prior_prob: float = 0.01, sincos: float = 0.0):
         super().__init__()
+        self.sincos = sincos   # tiny option: a position code on the region features (`tower`); 0 in GLIP-T(A)
         self.dyhead_tower = nn.ModuleList([DyConv(channels, gn_groups) for _ in range(num_blocks)])
         self.cls_logits = nn.Conv2d(channels, num_cls_logits, 1)  # unused by GLIP: kept so checkpoints load
         self.bbox_pred = nn.Conv2d(channels, 4, 1)
@@ -141,14 +143,21 @@ class GroundingHead(nn.Module):
         e = F.normalize(embedded, p=2, dim=-1)
         return self.dot_product_projection_text(e / 2.0), (e * self.bias_lang).sum(-1) + self.bias0
 
+    def tower(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """P3..P7 → the region features D3..D7 that every prediction reads: the DyHead blocks, then (`sincos` > 0, a
+        tiny-preset option) a fixed sine-cosine code of each cell's place, so that a word can score where a region
+        is, as DETR adds one to its detection features."""
+        for block in self.dyhead_tower:
+            feats = block(feats)
+        return position_code(feats, self.sincos)
+
     def forward(self, feats: list[torch.Tensor], embedded: torch.Tensor) -> dict:
         """feats: P3..P7 (B, C, H_l, W_l); embedded: masked text features (B, T, D).
 
         Returns levels concatenated in GLIP's order (`permute_and_flatten`: level, then y, then x):
         `logits` (B, A, T), `deltas` (B, A, 4), `centerness` (B, A), and `sizes` [(H_l, W_l)].
         """
-        for block in self.dyhead_tower:
-            feats = block(feats)
+        feats = self.tower(feats)
         tau, bias_t = self.token_side(embedded)                             # (B, T, C), (B, T)
         logits, deltas, ctr = [], [], []
         for l, g in enumerate(feats):

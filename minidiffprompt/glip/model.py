@@ -36,7 +36,7 @@ class GroundingRPN(nn.Module):
     def __init__(self, cfg: GLIPConfig):
         super().__init__()
         self.head = GroundingHead(cfg.fpn_channels, cfg.text_hidden, cfg.dyhead_blocks, cfg.gn_groups,
-                                  cfg.num_cls_logits, num_levels=len(cfg.anchor_strides))
+                                  cfg.num_cls_logits, num_levels=len(cfg.anchor_strides), sincos=cfg.head_sincos)
         self.anchor_generator = AnchorGenerator(cfg.anchor_strides, cfg.anchor_scale)
 
 

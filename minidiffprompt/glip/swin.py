@@ -50,6 +50,27 @@ def shift_window_mask(Hp: int, Wp: int, ws: int, shift: int, device=None) -> tor
     return torch.zeros_like(different, dtype=torch.float).masked_fill(different, -100.0)
 
 
+def block_grids(image_size: int, patch_size: int, depths, window_size: int) -> list[tuple[int, int, int]]:
+    """(H, W, shift) of every block in order: the token grid it attends over and its window shift."""
+    side, grids = -(-image_size // patch_size), []
+    for depth in depths:
+        grids += [(side, side, 0 if j % 2 == 0 else window_size // 2) for j in range(depth)]
+        side = (side + 1) // 2
+    return grids
+
+
+def window_crops(masks: torch.Tensor, H: int, W: int, ws: int, shift: int, size: int) -> torch.Tensor:
+    """masks (N, 1, M, M) over the whole image → (N, nW, 1, size, size): the part of each mask under each window of
+    a block on an H×W token grid, in the block's window order (the grid padded to whole windows and rolled by
+    −shift, as `SwinBlock.forward` does with its tokens), resized to `size` (a multiple of ws)."""
+    k = size // ws                                                    # crop pixels per token
+    x = F.interpolate(masks, size=(H * k, W * k), mode="bilinear", align_corners=False)
+    x = F.pad(x, (0, (-W) % ws * k, 0, (-H) % ws * k))
+    if shift:
+        x = torch.roll(x, shifts=(-shift * k, -shift * k), dims=(2, 3))
+    return rearrange(x, "n c (nh h) (nw w) -> n (nh nw) c h w", h=ws * k, w=ws * k)
+
+
 def relative_position_index(ws: int) -> torch.Tensor:
     """(N, N) int64: table row of token pair p=(r1,c1), q=(r2,c2) is (r1-r2+ws-1)(2ws-1) + (c1-c2+ws-1)."""
     coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)  # (2, N)
@@ -190,7 +211,7 @@ class SwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor, H: int, W: int, prompts: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, H*W, C); prompts (B, P, C) of each image, or None."""
+        """x (B, H*W, C); prompts (B, P, C) of each image, (B, nW, P, C) of each window, or None."""
         B, _, C = x.shape
         ws, s = self.window_size, self.shift
         y = rearrange(self.norm1(x), "b (h w) c -> b h w c", h=H, w=W)
@@ -201,10 +222,15 @@ class SwinBlock(nn.Module):
             y = torch.roll(y, shifts=(-s, -s), dims=(1, 2))
             mask = shift_window_mask(Hp, Wp, ws, s, device=x.device)
         windows = window_partition(y, ws)  # (B*nW, N, C)
-        if prompts is not None:
+        if prompts is not None and prompts.ndim == 3:
             # windows are batch-major, so window k belongs to image k // nW. The authors' copy tiles the prompts with
             # repeat(nW, 1, 1), which gives window k the prompt of image k mod B: right only for a batch of one.
             prompts = repeat(prompts, "b p c -> (b w) p c", w=windows.shape[0] // B)
+        elif prompts is not None:       # one set per window (PromptConfig.prompt_layout "windows"), in window order
+            if prompts.shape[1] != windows.shape[0] // B:
+                raise ValueError(f"per-window prompts for {prompts.shape[1]} windows, but the block has "
+                                 f"{windows.shape[0] // B}")
+            prompts = rearrange(prompts, "b w p c -> (b w) p c")
         y = window_merge(self.attn(windows, mask, prompts), ws, Hp, Wp)  # (B, Hp, Wp, C)
         if s > 0:
             y = torch.roll(y, shifts=(s, s), dims=(1, 2))
@@ -241,6 +267,16 @@ def sincos_table(dim: int, H: int, W: int, scale: float = 1.0) -> torch.Tensor:
                                             get_1d_sincos_pos_embed_from_grid(dim // 2, rows)], 1)).float()
 
 
+def position_code(maps: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
+    """maps + scale × a sine-cosine table of where each cell lies, counted in cells of the finest map: the position
+    code of a feature pyramid (as DETR codes the position of its detection features). Not part of GLIP-T(A)."""
+    if not scale:
+        return maps
+    H0 = maps[0].shape[-2]
+    return [m + scale * rearrange(sincos_table(m.shape[1], *m.shape[-2:], scale=H0 / m.shape[-2]).to(m),
+                                  "(h w) c -> c h w", h=m.shape[-2]) for m in maps]
+
+
 class SwinTransformer(nn.Module):
     """Swin v1 returning the four stage outputs [C2, C3, C4, C5] as (B, C, H, W) maps (GLIP's `SwinTransformer`)."""
 
@@ -248,9 +284,10 @@ class SwinTransformer(nn.Module):
                  window_size: int = 7, mlp_ratio: float = 4.0, drop_path_rate: float = 0.2, out_norms: bool = True,
                  ape_grid: int = 0, sincos: float = 0.0):
         super().__init__()
-        # a fixed 2-D sine-cosine table × `sincos` added to the patch tokens (the position code of MAE and DiT; not
-        # part of GLIP-T(A)): unlike a randomly initialised learned table, it holds each coordinate in a few smooth
-        # channels that a linear read-out decodes
+        # a fixed 2-D sine-cosine table × `sincos` added to the tokens at the input of every stage (the position code
+        # of MAE and DiT; not part of GLIP-T(A)): unlike a randomly initialised learned table, it holds each coordinate
+        # in a few smooth channels that a linear read-out decodes, and every stage's blocks, where visual prompts
+        # join, see it afresh
         self.sincos = sincos
         self.embed_dim, self.depths = embed_dim, tuple(depths)
         self.num_features = [embed_dim * 2 ** i for i in range(len(depths))]
@@ -287,20 +324,22 @@ class SwinTransformer(nn.Module):
         return sum(self.depths)
 
     def _prompt_for(self, visual_prompts, g: int, C: int, B: int):
-        """The prompt of global block g viewed at width C: (B, P*embed/C, C) (the authors' plain `view`), or None."""
+        """The prompt of global block g viewed at width C: (B, [nW,] P*embed/C, C) (the authors' plain `view`), or
+        None."""
         if visual_prompts is None or g >= len(visual_prompts) or visual_prompts[g] is None:
             return None
         p = visual_prompts[g]
-        if p.ndim != 3 or p.shape[0] != B:
-            raise ValueError(f"visual_prompts[{g}]: expected (B={B}, P, {self.embed_dim}), got {tuple(p.shape)}")
+        if p.ndim not in (3, 4) or p.shape[0] != B:
+            raise ValueError(f"visual_prompts[{g}]: expected (B={B}, [windows,] P, {self.embed_dim}), got "
+                             f"{tuple(p.shape)}")
         if p.shape[-1] == C:
             return p
-        if p.shape[-1] != self.embed_dim or (p.shape[1] * p.shape[2]) % C:
+        if p.shape[-1] != self.embed_dim or (p.shape[-2] * p.shape[-1]) % C:
             raise ValueError(f"visual_prompts[{g}] has shape {tuple(p.shape)}: block {g} has width {C}; give "
                              f"(B, P, {self.embed_dim}) prompts with P*{self.embed_dim} divisible by {C}, "
                              f"or (B, P, {C}) prompts")
         # token j at width C = concat of base tokens j*k .. j*k+k-1 (a plain view of the (B, P, embed) tensor)
-        return rearrange(p, "b (n k) c -> b n (k c)", k=C // self.embed_dim)
+        return rearrange(p, "... (n k) c -> ... n (k c)", k=C // self.embed_dim)
 
     def forward(self, x: torch.Tensor, visual_prompts=None) -> list[torch.Tensor]:
         """x (B, 3, H, W) normalised images; visual_prompts[g] (B, P, embed_dim) or None for global block g."""
@@ -309,14 +348,15 @@ class SwinTransformer(nn.Module):
                              f"{self.num_blocks} blocks (one prompt per block at most)")
         B = x.shape[0]
         x, H, W = self.patch_embed(x)  # (B, H*W, C)
+        H0 = H
         if self.absolute_pos_embed is not None:
             pos = F.interpolate(self.absolute_pos_embed, size=(H, W), mode="bicubic", align_corners=False)
             x = x + rearrange(pos, "1 c h w -> 1 (h w) c")
-        if self.sincos:
-            x = x + self.sincos * sincos_table(self.embed_dim, H, W).to(x)
         outs, g = [], 0
         for i, stage in enumerate(self.layers):
             C = self.num_features[i]
+            if self.sincos:  # at every stage's input, cells counted in patch-embedding cells
+                x = x + self.sincos * sincos_table(C, H, W, scale=H0 / H).to(x)
             for block in stage.blocks:
                 x = block(x, H, W, self._prompt_for(visual_prompts, g, C, B))
                 g += 1

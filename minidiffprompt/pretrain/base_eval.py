@@ -55,9 +55,7 @@ def region_features(model, images01: torch.Tensor, boxes: list[torch.Tensor], ba
     feats_out, centres, owner, level = [], [], [], []
     for k in range(0, len(images01), batch_size):
         x = images01[k:k + batch_size]
-        feats = model.backbone.fpn(model.backbone.body(glip_normalize(x)))
-        for block in model.rpn.head.dyhead_tower:
-            feats = block(feats)
+        feats = model.rpn.head.tower(model.backbone.fpn(model.backbone.body(glip_normalize(x))))
         anchors = model.rpn.anchor_generator([tuple(f.shape[-2:]) for f in feats])
         per_level = [a.shape[0] for a in anchors]
         ends = torch.tensor(per_level).cumsum(0)                                    # where each level's anchors end
@@ -151,9 +149,7 @@ def colour_probe(model, images01: torch.Tensor, boxes: list[torch.Tensor], colou
         x = images01[k:k + batch_size]
         swin = model.backbone.body(glip_normalize(x))
         fpn = model.backbone.fpn(swin)
-        dy = fpn
-        for block in model.rpn.head.dyhead_tower:
-            dy = block(dy)
+        dy = model.rpn.head.tower(fpn)
         maps = {"pixels": x, "swin_C3": swin[1], "fpn_P3": fpn[0], "dyhead_P3": dy[0]}
         for j in range(len(x)):
             b = boxes[k + j].float()
