@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None):
             if args.command == "demo":
                 return module.main(preset, data, out, resume=not args.no_resume, budget=args.budget)
             return module.main(preset, data, out, resume=not args.no_resume)
-    except (OSError, ValueError, CheckpointMismatch, DataError, RunLocked) as e:
+    except (OSError, ValueError, FloatingPointError, CheckpointMismatch, DataError, RunLocked) as e:
         # a missing or unreadable input, a wrong file, a bad setting: one line that names it (--debug: traceback)
         if args.debug:
             raise

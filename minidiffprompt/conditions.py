@@ -182,14 +182,40 @@ class LearnedConditionEncoder(ConditionEncoder):
         return F.normalize(img, dim=-1) * self.scale, txt
 
 
+class BackboneConditionEncoder(TinyConditionEncoder):
+    """A frozen detector backbone as the image encoder: the C3 map of a trained tiny GLIP's Swin (its second stage,
+    (B, 64, 12, 12) at 96 px), layer-normalised per position, as the image map; the caption as the hand-built
+    encoder's word tokens. The tiny stand-in for CLIP's pretrained image tower: a network that already tells a small
+    red star from a small red square, which a DiT learning its own stem from the denoising loss did not."""
+
+    def __init__(self, folder, dim: int = 64, max_words: int = 16, stage: int = 1):
+        super().__init__(dim=dim, max_words=max_words, tokens=True)
+        from .glip.model import load_glip_checkpoint
+        from .pretrain.shipped import resolve_weights
+        self.swin = load_glip_checkpoint(resolve_weights(folder)).backbone.body.requires_grad_(False).eval()
+        self.stage = stage
+        self.map_channels = self.swin.num_features[stage]
+
+    @torch.no_grad()
+    def encode(self, images01, captions):
+        from .data.datasets import glip_normalize
+        images01 = images01.to(self.image_proj.device, torch.float32)
+        fmap = self.swin(glip_normalize(images01))[self.stage]                    # (B, C, h, w)
+        _, txt = super().encode(images01, captions)
+        return F.layer_norm(fmap.transpose(1, -1), (fmap.shape[1],)).transpose(1, -1), txt
+
+
 def map_channels(cfg) -> int:
     """Channels of the image map a DiT with `image_map` reads: RGB (tiny) or the tiny CLIP's feature map."""
     if not cfg.image_map:
         return 0
+    import json
+    from .pretrain.shipped import resolve_weights
     if cfg.condition == "tiny_clip":
-        import json
-        from .pretrain.shipped import resolve_weights
         return json.loads((resolve_weights(cfg.clip_path) / "config.json").read_text())["arch"]["map_channels"]
+    if cfg.condition == "glip":
+        glip = json.loads((resolve_weights(cfg.clip_path) / "config.json").read_text())["glip"]
+        return glip["embed_dim"] * 2                                   # the Swin's C3 map
     return 3
 
 
@@ -204,13 +230,15 @@ def build_condition_encoder(cfg) -> ConditionEncoder:
         enc = TinyConditionEncoder(dim=cfg.cond_dim, seed=0,
                                    map_size=(cfg.image_map_size or cfg.input_size) if cfg.image_map else 0,
                                    max_words=cfg.caption_tokens or 16, tokens=cfg.caption_tokens > 0)
+    elif cfg.condition == "glip":
+        enc = BackboneConditionEncoder(cfg.clip_path, dim=cfg.cond_dim, max_words=cfg.caption_tokens or 16)
     elif cfg.condition == "tiny_clip":
         if cfg.caption_tokens:
             raise ValueError("caption_tokens needs the hand-built encoder (--condition tiny); the tiny CLIP gives one "
                              "caption vector: add --caption_tokens 0 --hidden_size 128 --cond_dim 128")
         enc = LearnedConditionEncoder(cfg.clip_path, image_map=cfg.image_map)
     else:
-        raise ValueError(f"unknown condition encoder {cfg.condition!r}: use 'clip', 'tiny' or 'tiny_clip'")
+        raise ValueError(f"unknown condition encoder {cfg.condition!r}: use 'clip', 'tiny', 'tiny_clip' or 'glip'")
     if enc.dim != cfg.cond_dim:
         raise ValueError(f"condition encoder {cfg.condition!r} gives {enc.dim}-d features but cond_dim is "
                          f"{cfg.cond_dim}; set --cond_dim {enc.dim} (and --hidden_size {enc.dim})")

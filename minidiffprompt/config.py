@@ -86,6 +86,8 @@ class DiTConfig:
     epochs: int = 100
     ema_decay: float = 0.9999
     cache_latents: bool = False    # encode masks (posterior mean, σ) and condition features once per run
+    extra_scenes: int = 0          # tiny option: also train on the train split of a second synthetic set of that many
+                                   # images (seed 1, made beside the data root on first use; synthetic data only)
     posterior_sample: bool = True  # x_0 ~ q(z | mask) as the authors; False: x_0 = its mean (noisy tiny VAEs)
     x0_weight_cap: float = 1.0     # ε-MSE weight clamp((1-ᾱ)/ᾱ, 1, cap): 1 = the authors' loss (diffusion.py)
     cond_dropout: float = 0.0      # share of training samples whose features are zeroed (the null condition)
@@ -164,6 +166,7 @@ class GLIPConfig:
     init_weights: str = ""         # pre-training continues a trained GLIP (a train-glip folder, shipped:tiny_glip)
     swin_ape: int = 0              # Swin's absolute position table, its side in patches (0 = off, as GLIP-T(A))
     swin_sincos: float = 0.0       # scale of a fixed 2-D sine-cosine position table at every Swin stage (0 = off)
+    swin_code: str = "sincos"      # that table: "sincos" (row + column codes) or "fourier" (2-D random Fourier features)
     fpn_sincos: float = 0.0        # the same on every FPN level, cells counted in P3 cells (0 = off)
     head_sincos: float = 0.0       # the same on the region features the head scores (the DyHead output; 0 = off)
     max_query_len: int = 256

@@ -132,30 +132,56 @@ def check_stage(preset: Preset, root: Path, out: Path, stage: str, resume: bool 
     return checks[stage]
 
 
+def _train_one(preset: Preset, root: Path, out: Path, resume: bool, threads: int) -> float:
+    """One stage-3 run in a worker process of `run_parallel`: its final val R@1."""
+    from . import train_prompts
+    torch.set_num_threads(threads)
+    return train_prompts.main(preset, root, out, resume)["history"][-1]["val_R@1"]
+
+
+def run_parallel(presets: list[Preset], root: Path, out: Path, resume: bool) -> list[float]:
+    """Independent stage-3 runs, two at a time in worker processes on a CPU with two or more cores, each on half of
+    the cores (small models keep one core busier than two threads keep two), one after another otherwise. Every
+    run is the same computation either way: only the wall time changes."""
+    import concurrent.futures
+    import multiprocessing
+    import os
+    jobs = 2 if (os.cpu_count() or 1) >= 2 and pick_device_type(presets[0]) == "cpu" else 1
+    if jobs == 1:
+        return [_train_one(p, root, out, resume, torch.get_num_threads()) for p in presets]
+    threads = max(1, (os.cpu_count() or 2) // jobs)
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_train_one, presets, *zip(*[(root, out, resume, threads)] * len(presets))))
+
+
+def pick_device_type(preset: Preset) -> str:
+    from .utils.runtime import pick_device
+    return pick_device(getattr(preset, "device", "auto")).type
+
+
 def long_study(preset: Preset, root: Path, out: Path, resume: bool) -> dict:
     """Every method of LONG at every learning rate of its grid (in RUN/sweep), then the best one per method, chosen
     by R@1 on the first LONG["select_items"] val expressions, copied to RUN/prompts/<name> for the evaluation."""
     import dataclasses
     import shutil
-    from . import train_prompts
     from .pipeline import method_dir
     sweep, base, chosen = out / "sweep", preset.prompt, {}
+    runs = [(name, settings, lr) for name, (settings, lrs) in LONG["methods"].items() for lr in lrs]
+    presets = [dataclasses.replace(preset, prompt=dataclasses.replace(
+        base, **settings, lr=lr, epochs=1, max_steps=LONG["steps"], val_items=LONG["select_items"],
+        val_every=LONG["val_every"], tag=f"{name}-lr{lr:g}",          # "" = OUT's stage, not RUN/sweep's
+        **{f"{s}_weights": getattr(base, f"{s}_weights") or str(out / s) for s in ("glip", "vae", "dit")}))
+        for name, settings, lr in runs]
+    scores = run_parallel(presets, root, sweep, resume)
     for name, (settings, lrs) in LONG["methods"].items():
-        scores = {}
-        for lr in lrs:
-            preset.prompt = dataclasses.replace(
-                base, **settings, lr=lr, epochs=1, max_steps=LONG["steps"], val_items=LONG["select_items"],
-                val_every=LONG["val_every"], tag=f"{name}-lr{lr:g}",   # "" = OUT's stage, not RUN/sweep's
-                **{f"{s}_weights": getattr(base, f"{s}_weights") or str(out / s) for s in ("glip", "vae", "dit")})
-            scores[lr] = train_prompts.main(preset, root, sweep, resume)["history"][-1]["val_R@1"]
-            print(f"[demo] {name} lr {lr:g}: val R@1 {scores[lr]:.1f} (first {LONG['select_items']})", flush=True)
-        best = max(scores, key=scores.get)
-        preset.prompt = dataclasses.replace(base, **settings, tag=f"{name}-lr{best:g}")
+        mine = {lr: r for (n, _, lr), r in zip(runs, scores) if n == name}
+        for lr, r in mine.items():
+            print(f"[demo] {name} lr {lr:g}: val R@1 {r:.1f} (first {LONG['select_items']})", flush=True)
+        best = max(mine, key=mine.get)
         target = out / "prompts" / name
         shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(method_dir(sweep, preset.prompt), target)
-        chosen[name] = {"lr": best, "selection_R@1": scores}
-    preset.prompt = base
+        shutil.copytree(method_dir(sweep, dataclasses.replace(base, **settings, tag=f"{name}-lr{best:g}")), target)
+        chosen[name] = {"lr": best, "selection_R@1": mine}
     write_json(out / "sweep.json", {"steps": LONG["steps"], "select_items": LONG["select_items"], "chosen": chosen})
     return chosen
 
@@ -278,7 +304,7 @@ def write_report(preset: Preset, root: Path, out: Path, results: dict, timings: 
     figs.mkdir(exist_ok=True)
     rounded = lambda d: {k: round(x, 2) for k, x in d.items()}   # noqa: E731
     table = {m: {s: {**rounded({k: v[k] for k in ("R@1", "R@5", "UB")}), "by_kind": rounded(v["by_kind"]),
-                     **({"vs_zeroshot": rounded(v["vs_zeroshot"])} if "vs_zeroshot" in v else {})}
+                     **{k: rounded(x) for k, x in v.items() if k.startswith("vs_")}}
                  for s, v in per.items()} for m, per in results.items()}
     write_json(out / "results.json", table)
     figure_data(root, preset, figs / "data_samples.png")

@@ -247,6 +247,8 @@ class DiT(nn.Module):
             image_map = image_features.to(x.dtype)
             if self.image_stem is not None:
                 image_map = self.image_stem(image_map)            # (B, stem_width, H, W)
+            elif image_map.shape[-1] != x.shape[-1]:              # a backbone's map on its own grid
+                image_map = F.interpolate(image_map, size=x.shape[-2:], mode="bilinear", align_corners=False)
             x = torch.cat([x, image_map], dim=1)
             image_features = x.new_zeros(len(x), self.pos_embed.shape[-1])   # the adaLN condition keeps the caption
         x = self.x_embedder(x) + self.pos_embed                   # (B, N, D)

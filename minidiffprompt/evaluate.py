@@ -10,7 +10,8 @@ ground-truth box: R@1 uses the top box, R@5 the top five, UB any kept box; a hit
 the same numbers (the authors' code draws fresh noise on every forward, test time included, so their results vary
 between runs unless the RNG is seeded). Each split also gets R@1 by expression kind (`by_kind`: attribute /
 extreme / relation on the synthetic set, "all" on real data) and, for every method, its R@1 minus zero-shot's on
-the same expressions with the paired standard error (`vs_zeroshot`). Output: RUN/eval/results.{json,md} and
+the same expressions with the paired standard error (`vs_zeroshot`); Diff-Prompt's also minus every other
+method's (`vs_vpt`, `vs_textprompt`, `vs_full`, `vs_oracle`, ...: `vs_<run folder name>`). Output: RUN/eval/results.{json,md} and
 RUN/eval/qualitative.png.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
@@ -151,19 +153,25 @@ def trained_methods(out: Path) -> list[Path]:
     return sorted(p for p in root.glob("*") if (p / "config.json").exists()) if root.exists() else []
 
 
-def qualitative_figure(samples: dict, dataset, preset: Preset, path: Path, n: int = 6) -> Path:
-    """One panel per expression: the image, the ground-truth box (dashed) and each method's top box."""
+def qualitative_figure(samples: dict, dataset, indices: list[int], preset: Preset, path: Path,
+                       masks: torch.Tensor | None = None) -> Path:
+    """One panel per expression `indices[j]`: the image, the ground-truth box (dashed), each method's top box
+    (`samples[method][j]`) and, given `masks` (n, M, M), the DiT's generated mask for it in white."""
     import textwrap
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-    n = min(n, len(dataset))
+    n = len(indices)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.6), squeeze=False)
     for j, ax in enumerate(axes[0]):
-        item = dataset[j]
-        ax.imshow(item["image"].permute(1, 2, 0).numpy())
+        item = dataset[indices[j]]
+        S = item["image"].shape[-1]
+        ax.imshow(item["image"].permute(1, 2, 0).numpy(), extent=(0, S, S, 0))
+        if masks is not None:       # the DiT's mask, stretched over the image as the adapters see it
+            m = masks[j].clamp(0, 1).numpy()
+            ax.imshow(np.stack([m] * 3 + [0.55 * m], -1), extent=(0, S, S, 0))
         x1, y1, x2, y2 = item["box"].tolist()
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ls="--", lw=2, ec="lime"))
         for c, (method, preds) in enumerate(samples.items()):
@@ -174,6 +182,8 @@ def qualitative_figure(samples: dict, dataset, preset: Preset, path: Path, n: in
         ax.set_title("\n".join(textwrap.wrap(item["caption"], 30)), fontsize=8)   # whole, on up to 3 lines
         ax.axis("off")
     handles = [Rectangle((0, 0), 1, 1, fill=False, ec="lime", ls="--", label="ground truth")]
+    if masks is not None:
+        handles.append(Rectangle((0, 0), 1, 1, fc="white", ec="grey", label="DiT's mask"))
     handles += [Rectangle((0, 0), 1, 1, fill=False, ec=colors[c % len(colors)], label=m) for c, m in enumerate(samples)]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
@@ -194,11 +204,14 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     settings = {"eval": dataclasses.asdict(ev), "image_size": preset.data.image_size, "amp": preset.prompt.amp,
                 "glip": preset.prompt.glip_weights,
                 "glip_files": fingerprint(stage_path(preset.prompt, out, "glip")),
-                "data": fingerprint(data), "format": 3}
+                "data": fingerprint(data), "format": 4}
     runs = [("zeroshot", None)] + [(p.name, p) for p in trained_methods(out) if p.name != "zeroshot"]
     oracle = any(json.loads((p / "config.json").read_text())["prompt"].get("oracle_masks") for _, p in runs[1:])
     datasets = {s: split_dataset(data, s, preset, ev.max_items, masks=oracle) for s in ev.splits}
     kinds = {s: expression_kinds(d, synthetic=preset.name == "tiny") for s, d in datasets.items()}
+    # the figure: the first six expressions of the first split that pick their object by position (synthetic set)
+    first = ev.splits[0]
+    shown = ([i for i, k in enumerate(kinds[first]) if k in ("extreme", "relation")] or list(range(len(kinds[first]))))[:6]
     results, samples, hits = {}, {}, {}
     for name, folder in runs:
         cache = eval_dir / f"{name}.json"
@@ -226,22 +239,31 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
             results[name][split] = {**score_predictions(preds, preset),
                                     "by_kind": by_kind(hits[name][split], kinds[split])}
             if split == ev.splits[0]:
-                samples[name] = preds[:6]
+                samples[name] = [preds[i] for i in shown]
         print(f"[evaluate] {name}: " + ", ".join(f"{s} R@1 {r['R@1']:.1f}" for s, r in results[name].items()),
               flush=True)
         write_json(cache, {"stamp": stamp, "results": results[name],
                            "hits": {s: h.int().tolist() for s, h in hits[name].items()},
                            "samples": [p["boxes"][:1].tolist() for p in samples[name]]})
-    for name in results:          # every method against the frozen base, on the same expressions
+    for name in results:          # every method against the frozen base, Diff-Prompt against every method
         for split in results[name]:
-            if name != "zeroshot":
-                results[name][split]["vs_zeroshot"] = paired_difference(hits[name][split], hits["zeroshot"][split])
+            for other in results:
+                if other != name and (other == "zeroshot" or name == "diffprompt"):
+                    results[name][split][f"vs_{other}"] = paired_difference(hits[name][split], hits[other][split])
     write_results(results, eval_dir)
-    first = ev.splits[0]
     kinds_md = results_table_markdown({m: r[first]["by_kind"] for m, r in results.items()},
                                       metrics=tuple(results["zeroshot"][first]["by_kind"]))
     write_text(eval_dir / "results.md", (eval_dir / "results.md").read_text() + f"\n{first} R@1 by expression "
                "kind:\n\n" + kinds_md)
-    qualitative_figure(samples, datasets[ev.splits[0]], preset, eval_dir / "qualitative.png")
+    masks = None
+    if "diffprompt" in results:   # the DiT's final sample for each shown expression, with the evaluation's seeds
+        _, prompter = load_trained(preset, out, Path(out) / "prompts" / "diffprompt")
+        if getattr(prompter, "needs_masks", False):
+            prompter.to(device)
+            from .data.datasets import collate
+            batch = collate([datasets[first][i] for i in shown])
+            masks = prompter.sample_masks(batch["image"].to(device), batch["caption"],
+                                          sample_seeds(batch["index"], ev.seed))[0, :, 0].float().cpu()
+    qualitative_figure(samples, datasets[first], shown, preset, eval_dir / "qualitative.png", masks)
     print(results_table_markdown(results), flush=True)
     return results

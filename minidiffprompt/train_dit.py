@@ -221,8 +221,11 @@ def run_config(preset: Preset, data=None, out=None) -> dict:
               "dit": dataclasses.asdict(preset.dit)}
     if data is not None:
         from .pretrain.shipped import resolve_weights
-        clip = preset.dit.clip_path if preset.dit.condition in ("clip", "tiny_clip") else ""
+        clip = preset.dit.clip_path if preset.dit.condition in ("clip", "tiny_clip", "glip") else ""
         config["data"] = fingerprint(data)
+        if preset.dit.extra_scenes:
+            from .data.synthetic import extra_scenes
+            config["extra_data"] = fingerprint(extra_scenes(data, preset.dit.extra_scenes, log=lambda *a: None))
         config["upstream"] = {"vae": fingerprint(Path(out) / "vae"),
                               "condition": fingerprint(resolve_weights(clip)) if clip else None}
     return json.loads(json.dumps(config))
@@ -284,6 +287,8 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
     cfg: DiTConfig = preset.dit
     if not 0 <= cfg.cond_dropout < 1:
         raise SystemExit(f"train-dit: --cond_dropout must be in [0, 1), got {cfg.cond_dropout}")
+    if cfg.extra_scenes and not cfg.cache_latents:
+        raise SystemExit("train-dit: --extra_scenes needs --cache_latents true (the extra scenes are encoded once)")
     if cfg.guidance != 1 and not cfg.cond_dropout:
         raise SystemExit(f"train-dit: --guidance {cfg.guidance} needs a DiT that learned the null condition; "
                          "set --cond_dropout (e.g. 0.15) or --guidance 1")
@@ -321,6 +326,12 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
 
     t0 = time.perf_counter()
     train = encode_split(data, "train", preset, vae, encoder, device) if cfg.cache_latents else None
+    if cfg.extra_scenes:          # more train scenes from a second synthetic set (its val and test splits unused)
+        from .data.synthetic import extra_scenes
+        more = encode_split(extra_scenes(data, cfg.extra_scenes), "train", preset, vae, encoder, device)
+        train = {k: train[k] + more[k] if k == "caption" else torch.cat([train[k], more[k]]) for k in train}
+    if train is not None:
+        train.pop("mask")         # training reads latents; the masks are only scored on val
     val = encode_split(data, "val", preset, vae, encoder, device, max_items=cfg.eval_items)
     elapsed += time.perf_counter() - t0
     n_params = sum(p.numel() for p in dit.parameters())

@@ -165,7 +165,10 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
                     (loss / accum).backward()
                     value = float(loss.detach())
                     running, count, accumulated = running + value, count + 1, accumulated + value
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                if not torch.isfinite(norm):   # a diverged run: stop before NaN weights reach the next forward pass
+                    raise FloatingPointError(f"train-prompts: the gradient is not finite at step {len(step_losses) + 1} "
+                                             f"(loss {accumulated / len(group):.4g}); lower --lr (now {cfg.lr:g})")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step_losses.append(all_reduce_mean(accumulated / len(group)).item())

@@ -385,3 +385,17 @@ def ensure_synthetic(dir: str | Path = "data/synthref", seed: int = 0, images: i
     convert_refcoco(dir / "refcoco", dir / "train2014", processed, mdetr_dir=dir / "mdetr_annotations", log=log)
     record.write_text(json.dumps(settings) + "\n")
     return processed
+
+
+def extra_scenes(root: str | Path, images: int, log=print) -> Path:
+    """The data root of a second synthetic set of `images` scenes (seed 1: none of them is a scene of the seed-0 set),
+    made on first use beside the set whose data root is `root` (`data/synthref/processed` →
+    `data/synthref-extra{images}/processed`): more train scenes for a stage that needs more than the set's train
+    split, whose val and test splits stay the seed-0 set's."""
+    root = Path(root)
+    if not (root.parent / "synthetic.json").exists():
+        raise ValueError(f"extra_scenes: {root} is not a synthetic set made by `data_prep.py synthetic`; extra scenes "
+                         "exist only for synthetic data (set --extra_scenes 0)")
+    made = json.loads((root.parent / "synthetic.json").read_text())
+    return ensure_synthetic(root.parent.with_name(f"{root.parent.name}-extra{images}"), seed=made["seed"] + 1,
+                            images=images, size=made["size"], log=log)
