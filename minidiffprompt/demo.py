@@ -136,7 +136,11 @@ def _train_one(preset: Preset, root: Path, out: Path, resume: bool, threads: int
     """One stage-3 run in a worker process of `run_parallel`: its final val R@1."""
     from . import train_prompts
     torch.set_num_threads(threads)
-    return train_prompts.main(preset, root, out, resume)["history"][-1]["val_R@1"]
+    try:
+        return train_prompts.main(preset, root, out, resume)["history"][-1]["val_R@1"]
+    except FloatingPointError as e:         # a learning rate too high for the method: it takes no part in the choice
+        print(f"[demo] {e}", flush=True)
+        return float("nan")
 
 
 def run_parallel(presets: list[Preset], root: Path, out: Path, resume: bool) -> list[float]:
@@ -177,7 +181,10 @@ def long_study(preset: Preset, root: Path, out: Path, resume: bool) -> dict:
         mine = {lr: r for (n, _, lr), r in zip(runs, scores) if n == name}
         for lr, r in mine.items():
             print(f"[demo] {name} lr {lr:g}: val R@1 {r:.1f} (first {LONG['select_items']})", flush=True)
-        best = max(mine, key=mine.get)
+        finished = {lr: r for lr, r in mine.items() if r == r}
+        if not finished:
+            raise FloatingPointError(f"long study: {name} diverged at every learning rate of {lrs}")
+        best = max(finished, key=finished.get)
         target = out / "prompts" / name
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(method_dir(sweep, dataclasses.replace(base, **settings, tag=f"{name}-lr{best:g}")), target)

@@ -156,3 +156,22 @@ def test_learned_encoder_recipe_and_its_features(tmp_path):
     assert not torch.allclose(txt[0], txt[1])
     img, _ = build_condition_encoder(dataclasses.replace(cfg, image_map=False)).encode(images, ["a", "b"])
     assert img.shape == (2, cfg.cond_dim)
+
+
+def test_backbone_encoder_reads_the_frozen_glip_swin():
+    """condition glip: the image map is the C3 map of the given GLIP's Swin, layer-normalised at every position; the
+    caption is the hand-built encoder's word tokens; nothing trains."""
+    from minidiffprompt.conditions import map_channels
+    from minidiffprompt.data.datasets import glip_normalize
+    from minidiffprompt.glip.model import load_glip_checkpoint
+    from minidiffprompt.pretrain.shipped import resolve_weights
+    cfg = dataclasses.replace(DiTConfig.tiny(), condition="glip", clip_path="shipped:tiny_glip", image_map=True)
+    enc = build_condition_encoder(cfg)
+    images, caps = torch.rand(2, 3, 96, 96), ["the red circle", "the big square"]
+    img, txt = enc.encode(images, caps)
+    c3 = load_glip_checkpoint(resolve_weights(cfg.clip_path)).backbone.body(glip_normalize(images))[1]
+    assert img.shape == (2, map_channels(cfg), 12, 12) == c3.shape
+    torch.testing.assert_close(img, torch.nn.functional.layer_norm(c3.transpose(1, -1), (c3.shape[1],)).transpose(1, -1))
+    hand = build_condition_encoder(dataclasses.replace(cfg, condition="tiny"))
+    assert torch.equal(txt, hand.encode(images, caps)[1])
+    assert not any(p.requires_grad for p in enc.parameters())

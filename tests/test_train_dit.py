@@ -125,3 +125,16 @@ def test_guidance_needs_condition_dropout(tmp_path):
     p.dit.guidance = 3.0
     with pytest.raises(SystemExit, match="cond_dropout"):
         train_dit.main(p, tmp_path, tmp_path / "run")
+
+
+def test_extra_scenes_come_from_a_second_seed_beside_the_data(tmp_path):
+    """extra_scenes: a synthetic set of the next seed, made once beside the data root; another kind of data root is
+    refused with the fix."""
+    from minidiffprompt.data.synthetic import ensure_synthetic, extra_scenes
+    root = ensure_synthetic(tmp_path / "synthref", seed=3, images=12, size=64, log=lambda *a: None)
+    extra = extra_scenes(root, 10, log=lambda *a: None)
+    assert extra == tmp_path / "synthref-extra10" / "processed"
+    assert json.loads((extra.parent / "synthetic.json").read_text()) == {"seed": 4, "images": 10, "size": 64}
+    assert extra_scenes(root, 10, log=lambda *a: pytest.fail("made again")) == extra
+    with pytest.raises(ValueError, match="synthetic"):
+        extra_scenes(tmp_path / "elsewhere" / "processed", 10)

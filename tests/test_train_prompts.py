@@ -122,6 +122,9 @@ def test_tiny_harness_trains_resumes_and_evaluates_reproducibly(tmp_path, monkey
     assert set(val["by_kind"]) <= {"attribute", "extreme", "relation", "all"}
     assert abs(val["by_kind"]["all"] - val["R@1"]) < 1e-4
     assert abs(val["vs_zeroshot"]["diff"] - (val["R@1"] - first["zeroshot"]["val"]["R@1"])) < 1e-4
+    dp = first["diffprompt"]["val"]                  # Diff-Prompt against every other method, on the same items
+    assert {k for k in dp if k.startswith("vs_")} == {"vs_zeroshot", "vs_vpt", "vs_diffprompt-oracle"}
+    assert abs(dp["vs_vpt"]["diff"] - (dp["R@1"] - val["R@1"])) < 1e-4 and "vs_vpt" not in val
     monkeypatch.setattr(evaluate, "predict", lambda *a, **k: pytest.fail("the evaluation cache missed"))
     assert evaluate.main(preset, data, out) == first                              # every method from its cache
     assert (out / "eval" / "results.md").exists() and (out / "eval" / "qualitative.png").exists()
@@ -244,7 +247,10 @@ def test_the_demo_measures_the_stages_it_is_given_and_reuses_the_measurement(tmp
     got = demo.check_stage(preset, data, out, "dit")
     vae, dit, diffusion, encoder = pipeline.load_generator_parts(preset, out)
     val = train_dit.encode_split(data, "val", preset, vae, encoder, "cpu", max_items=6)
-    want = train_dit.evaluate_generation(dit.eval(), vae.eval(), diffusion, val, num_steps=preset.dit.ddim_steps)
+    from minidiffprompt.data.synthetic import expression_kind
+    want = train_dit.evaluate_generation(dit.eval(), vae.eval(), diffusion, val, num_steps=preset.dit.ddim_steps,
+                                         kinds=[expression_kind(c) for c in val["caption"]])
+    assert set(want["hit50"]) <= {"attribute", "extreme", "relation", "all"} and 0 <= want["hit50"]["all"] <= 100
     assert {k: got[f"val_{k}"] for k in want} == want and got["weights"] == str(run / "dit")
     val_masks = train_vae.mask_loader(data, "val", preset.data.mask_size, preset.vae.batch_size, False,
                                       preset.vae.cache_masks, 0, torch.device("cpu"))
