@@ -71,8 +71,10 @@ class DiTConfig:
     num_heads: int = 8
     mlp_ratio: float = 4.0
     learn_sigma: bool = True
-    condition: str = "clip"        # "clip" (ViT-B/32 via transformers), "tiny_clip" (shipped) or "tiny" (hand-built)
-    clip_path: str = "openai/clip-vit-base-patch32"  # local folder or HF-cache name; never downloaded
+    condition: str = "clip"        # "clip" (ViT-B/32 via transformers), "tiny_clip" (shipped), "tiny" (hand-built) or
+                                   # "glip" (a trained tiny GLIP's frozen Swin; conditions.BackboneConditionEncoder)
+    clip_path: str = "openai/clip-vit-base-patch32"  # that encoder's weights: local folder or HF-cache name, never
+                                                     # downloaded; "shipped:NAME" for the shipped tiny ones
     cond_dim: int = 512
     image_map: bool = False        # tiny option: the image as a map beside x_t instead of a global feature
     image_map_size: int = 0        # tiny option: the image map's side (0: the latent grid; larger: a conv stem in the DiT)
@@ -101,15 +103,18 @@ class DiTConfig:
         # v-prediction: at the noisiest steps the DiT states the mask itself (diffusion.py), which doubled the IoU of
         # its samples over ε-prediction at this budget. With it the hand-built condition (the RGB image as a map, hashed
         # words) gives better masks, and a caption that counts more, than the shipped CLIP-like towers
-        # (`--condition tiny_clip`, train_clip.py); README, "The DiT's condition encoder". Patch 2 (64 tokens, each over
+        # (`--condition tiny_clip`, train_clip.py; notebooks/STUDIES.md). Patch 2 (64 tokens, each over
         # 12×12 pixels, about one small object) at width 64 costs what patch 4 at width 128 did and doubled the IoU;
         # the words as tokens in the sequence (caption_tokens) raised it again and made the caption count. 80 epochs
-        # (7,520 steps): the IoU still climbed from 20 (0.31) over 40 (0.38) to 80 (0.45). The IoU check scores the
-        # first 300 val pairs, the expressions the tiny evaluation scores (EvalConfig.tiny)
-        return cls(input_size=16, patch_size=2, hidden_size=64, depth=4, num_heads=4, condition="tiny",
-                   clip_path="shipped:tiny_clip", cond_dim=64, caption_tokens=16,
-                   image_map=True, batch_size=64, epochs=80, lr=3e-3, ema_decay=0.99, cache_latents=True,
-                   posterior_sample=False, prediction="v", eval_items=300)
+        # (7,520 steps): the IoU still climbed from 20 (0.31) over 40 (0.38) to 80 (0.45). What it could not learn from
+        # the denoising loss alone is to tell a small star from a small square: its image encoder is now the frozen
+        # tiny GLIP's Swin (`condition glip`, its C3 map; mask IoU 0.31 → 0.44 at 1,880 steps), as the paper's is a
+        # pretrained CLIP, and it trains on 8,400 more synthetic scenes (`extra_scenes`, 48,218 pairs instead of 6,060)
+        # at depth 6. The IoU check scores the first 300 val pairs, the expressions the tiny evaluation scores
+        return cls(input_size=16, patch_size=2, hidden_size=64, depth=6, num_heads=4, condition="glip",
+                   clip_path="shipped:tiny_glip", cond_dim=64, caption_tokens=16,
+                   image_map=True, batch_size=64, epochs=20, lr=3e-3, ema_decay=0.99, cache_latents=True,
+                   extra_scenes=8400, posterior_sample=False, prediction="v", eval_items=300)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -201,16 +206,18 @@ class GLIPConfig:
         # The stand-in for GLIP-T(A)'s Objects365 pre-training, run once and shipped (minidiffprompt/pretrained/
         # tiny_glip, with the exact command in its metrics.json). Its language backbone is the MLM-pretrained small
         # BERT (train_bert.py), kept frozen: fine-tuned, as GLIP fine-tunes bert-base, the detector learned faster but
-        # its colour words merged (README, "Colour"). Half of the prompts are phrases, half of those naming attributes
-        # only ("green"), images are flipped, and Swin's absolute position table is on: at 96 px the zero-padded maps
-        # carry little position (README, position probe). The shipped GLIP is this recipe, then 30 more epochs from
-        # its weights with `--init_weights ... --phrase_prompts 0.75 --lr 5e-4 --epochs 30` (attribute R@1 on val
-        # 76.5 → 80.5 %; README, "Colour").
+        # its colour words merged (notebooks/STUDIES.md, "Colour"). Half of the prompts are phrases, half of those naming attributes
+        # only ("green"), and images are flipped. Position: at 96 px the zero-padded maps carry almost none, and
+        # pre-training erased what Swin's learned table (`swin_ape`) gave; a fixed sine-cosine code at every Swin stage
+        # (`swin_sincos`, where the visual prompts join) and on the region features the head scores (`head_sincos`)
+        # give every patch and region its place (position probe R² −0.15 → 0.80; notebooks/STUDIES.md). The shipped
+        # GLIP: this recipe without the two codes, continued 30 epochs with `--phrase_prompts 0.75 --lr 5e-4`, then
+        # twice 30 epochs more with the codes on (its metrics.json holds every command).
         return cls(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, drop_path_rate=0.0,
                    fpn_channels=32, fpn_drop_block=0.0, dyhead_blocks=1, anchor_scale=2.0, text_model="",
                    text_hidden=64, text_layers=4, text_heads=2, max_query_len=32, lr=2e-3, head_lr_mult=10.0,
-                   text_weights="shipped:tiny_bert", text_lr_mult=0.0, swin_ape=24, phrase_prompts=0.5,
-                   attribute_phrases=0.5, flip_augment=True, batch_size=16, epochs=240)
+                   text_weights="shipped:tiny_bert", text_lr_mult=0.0, swin_ape=24, swin_sincos=1.0, head_sincos=0.5,
+                   phrase_prompts=0.5, attribute_phrases=0.5, flip_augment=True, batch_size=16, epochs=240)
 
 
 # ----------------------------------------------------------------------------------------------------------------

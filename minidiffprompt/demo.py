@@ -18,8 +18,9 @@ Every stage resumes or reuses what a previous run left in the run folder, so a s
 line printed is the run folder.
 
 `--budget long` (about an hour on two CPU cores) runs the longer study instead of step 5: every method, the oracle
-diagnostic (`--oracle_masks true`: the true mask in place of the DDIM samples) and full fine-tuning, each for
-LONG["steps"] optimiser steps at every learning rate of its grid, with a val learning curve; per method the
+diagnostic (`--oracle_masks true`: the true mask in place of the DDIM samples), the per-window prompt layout and full
+fine-tuning, each for LONG["epochs"] passes over the train split at every learning rate of its grid, two runs at a
+time on a multi-core CPU (`run_parallel`), with a val learning curve; per method the
 learning rate with the best R@1 on the first LONG["select_items"] val expressions is kept (RUN/sweep holds all of
 them, RUN/sweep.json the choice) and evaluated on the whole of val, testA and testB. testA and testB played no
 part in the choice.
@@ -38,14 +39,21 @@ from .config import Preset
 DEMO_METHODS = ("vpt", "textprompt", "diffprompt")
 LABELS = {"zeroshot": "zero-shot GLIP (frozen base)", "vpt": "VPT-deep (visual prompts)",
           "textprompt": "deep text prompts", "diffprompt": "Diff-Prompt", "full": "full fine-tuning",
-          "oracle": "Diff-Prompt fed the true mask (oracle)"}
-# the long study: per method (name → prompt settings) a learning-rate grid; full fine-tuning gets its own
-LONG = {"steps": 240, "select_items": 300, "val_every": 80,
-        "methods": {"vpt": ({"method": "vpt"}, (1e-3, 3e-3, 1e-2)),
-                    "textprompt": ({"method": "textprompt"}, (1e-3, 3e-3, 1e-2)),
-                    "diffprompt": ({"method": "diffprompt"}, (1e-3, 3e-3, 1e-2)),
-                    "oracle": ({"method": "diffprompt", "oracle_masks": True}, (1e-3, 3e-3, 1e-2)),
-                    "full": ({"method": "full"}, (1e-5, 3e-5, 1e-4))}}
+          "oracle": "Diff-Prompt fed the true mask (oracle)",
+          "windows": "Diff-Prompt, tokens per window (not the paper's)",
+          "oracle-windows": "the same fed the true mask (oracle)"}
+# the long study: two passes over the train split (758 steps of 16: where the true-mask oracle's val curve flattens),
+# per method (name → prompt settings) a learning-rate grid; full fine-tuning gets its own. "windows" and
+# "oracle-windows" are not the paper's: each Swin window's tokens come from the part of the mask under it
+LONG = {"epochs": 2, "max_steps": 0, "select_items": 300, "val_every": 250,
+        "methods": {"vpt": ({"method": "vpt"}, (1e-3, 3e-3)),
+                    "textprompt": ({"method": "textprompt"}, (1e-3, 3e-3)),
+                    "diffprompt": ({"method": "diffprompt"}, (1e-3, 3e-3)),
+                    "windows": ({"method": "diffprompt", "prompt_layout": "windows"}, (1e-3, 3e-3)),
+                    "oracle": ({"method": "diffprompt", "oracle_masks": True}, (1e-3, 3e-3)),
+                    "oracle-windows": ({"method": "diffprompt", "oracle_masks": True, "prompt_layout": "windows"},
+                                       (3e-3,)),
+                    "full": ({"method": "full"}, (1e-5, 3e-5))}}
 
 
 def _data_root(data: Path) -> Path:
@@ -172,7 +180,7 @@ def long_study(preset: Preset, root: Path, out: Path, resume: bool) -> dict:
     sweep, base, chosen = out / "sweep", preset.prompt, {}
     runs = [(name, settings, lr) for name, (settings, lrs) in LONG["methods"].items() for lr in lrs]
     presets = [dataclasses.replace(preset, prompt=dataclasses.replace(
-        base, **settings, lr=lr, epochs=1, max_steps=LONG["steps"], val_items=LONG["select_items"],
+        base, **settings, lr=lr, epochs=LONG["epochs"], max_steps=LONG["max_steps"], val_items=LONG["select_items"],
         val_every=LONG["val_every"], tag=f"{name}-lr{lr:g}",          # "" = OUT's stage, not RUN/sweep's
         **{f"{s}_weights": getattr(base, f"{s}_weights") or str(out / s) for s in ("glip", "vae", "dit")}))
         for name, settings, lr in runs]
@@ -189,7 +197,7 @@ def long_study(preset: Preset, root: Path, out: Path, resume: bool) -> dict:
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(method_dir(sweep, dataclasses.replace(base, **settings, tag=f"{name}-lr{best:g}")), target)
         chosen[name] = {"lr": best, "selection_R@1": mine}
-    write_json(out / "sweep.json", {"steps": LONG["steps"], "select_items": LONG["select_items"], "chosen": chosen})
+    write_json(out / "sweep.json", {"epochs": LONG["epochs"], "select_items": LONG["select_items"], "chosen": chosen})
     return chosen
 
 

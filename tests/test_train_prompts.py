@@ -207,7 +207,7 @@ def test_the_long_study_keeps_each_methods_best_learning_rate(tmp_path, monkeypa
     from minidiffprompt import demo
     monkeypatch.setenv("MDP_QUIET", "1")
     preset, data, out = make_run(tmp_path)
-    monkeypatch.setattr(demo, "LONG", {"steps": 1, "select_items": 4, "val_every": 1, "methods": {
+    monkeypatch.setattr(demo, "LONG", {"epochs": 1, "max_steps": 1, "select_items": 4, "val_every": 1, "methods": {
         "vpt": ({"method": "vpt"}, (1e-3, 1e-1)),
         "oracle": ({"method": "diffprompt", "oracle_masks": True}, (1e-3, 1e-1))}})
     chosen = demo.long_study(preset, data, out, resume=True)
