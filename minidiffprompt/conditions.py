@@ -200,7 +200,7 @@ class BackboneConditionEncoder(TinyConditionEncoder):
     def encode(self, images01, captions):
         from .data.datasets import glip_normalize
         images01 = images01.to(self.image_proj.device, torch.float32)
-        fmap = self.swin(glip_normalize(images01))[self.stage]                    # (B, C, h, w)
+        fmap = self.swin(glip_normalize(images01), stages=self.stage + 1)[-1]     # (B, C, h, w)
         _, txt = super().encode(images01, captions)
         return F.layer_norm(fmap.transpose(1, -1), (fmap.shape[1],)).transpose(1, -1), txt
 

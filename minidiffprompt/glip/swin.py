@@ -358,8 +358,9 @@ class SwinTransformer(nn.Module):
         # token j at width C = concat of base tokens j*k .. j*k+k-1 (a plain view of the (B, P, embed) tensor)
         return rearrange(p, "... (n k) c -> ... n (k c)", k=C // self.embed_dim)
 
-    def forward(self, x: torch.Tensor, visual_prompts=None) -> list[torch.Tensor]:
-        """x (B, 3, H, W) normalised images; visual_prompts[g] (B, P, embed_dim) or None for global block g."""
+    def forward(self, x: torch.Tensor, visual_prompts=None, stages: int | None = None) -> list[torch.Tensor]:
+        """x (B, 3, H, W) normalised images; visual_prompts[g] (B, P, embed_dim) or None for global block g;
+        `stages`: run only the first that many stages (their outputs)."""
         if visual_prompts is not None and len(visual_prompts) > self.num_blocks:
             raise ValueError(f"{len(visual_prompts)} visual prompts given, but the Swin has only "
                              f"{self.num_blocks} blocks (one prompt per block at most)")
@@ -370,7 +371,7 @@ class SwinTransformer(nn.Module):
             pos = F.interpolate(self.absolute_pos_embed, size=(H, W), mode="bicubic", align_corners=False)
             x = x + rearrange(pos, "1 c h w -> 1 (h w) c")
         outs, g = [], 0
-        for i, stage in enumerate(self.layers):
+        for i, stage in enumerate(self.layers[:stages]):
             C = self.num_features[i]
             if self.sincos:  # at every stage's input, cells counted in patch-embedding cells
                 table = sincos_table(C, H, W, scale=H0 / H) if self.code == "sincos" else fourier_table(C, H, W)
@@ -380,7 +381,7 @@ class SwinTransformer(nn.Module):
                 g += 1
             out = getattr(self, f"norm{i}")(x)
             outs.append(rearrange(out, "b (h w) c -> b c h w", h=H, w=W))
-            if stage.downsample is not None:
+            if stage.downsample is not None and len(outs) < len(self.layers[:stages]):
                 x = stage.downsample(x, H, W)
                 H, W = (H + 1) // 2, (W + 1) // 2
         return outs
