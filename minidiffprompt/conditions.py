@@ -228,7 +228,7 @@ def build_condition_encoder(cfg) -> ConditionEncoder:
         enc = CLIPConditionEncoder(cfg.clip_path)
     elif cfg.condition == "tiny":
         enc = TinyConditionEncoder(dim=cfg.cond_dim, seed=0,
-                                   map_size=(cfg.image_map_size or cfg.input_size) if cfg.image_map else 0,
+                                   map_size=cfg.input_size if cfg.image_map else 0,
                                    max_words=cfg.caption_tokens or 16, tokens=cfg.caption_tokens > 0)
     elif cfg.condition == "glip":
         enc = BackboneConditionEncoder(cfg.clip_path, dim=cfg.cond_dim, max_words=cfg.caption_tokens or 16)

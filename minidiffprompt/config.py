@@ -77,7 +77,6 @@ class DiTConfig:
                                                      # downloaded; "shipped:NAME" for the shipped tiny ones
     cond_dim: int = 512
     image_map: bool = False        # tiny option: the image as a map beside x_t instead of a global feature
-    image_map_size: int = 0        # tiny option: the image map's side (0: the latent grid; larger: a conv stem in the DiT)
     caption_tokens: int = 0        # tiny option: the caption as up to that many word tokens in the DiT's sequence
     diffusion_steps: int = 100
     noise_schedule: str = "linear"  # training schedule: DiT-main/train.py keeps create_diffusion's default
@@ -171,7 +170,6 @@ class GLIPConfig:
     init_weights: str = ""         # pre-training continues a trained GLIP (a train-glip folder, shipped:tiny_glip)
     swin_ape: int = 0              # Swin's absolute position table, its side in patches (0 = off, as GLIP-T(A))
     swin_sincos: float = 0.0       # scale of a fixed 2-D sine-cosine position table at every Swin stage (0 = off)
-    swin_code: str = "sincos"      # that table: "sincos" (row + column codes) or "fourier" (2-D random Fourier features)
     fpn_sincos: float = 0.0        # the same on every FPN level, cells counted in P3 cells (0 = off)
     head_sincos: float = 0.0       # the same on the region features the head scores (the DyHead output; 0 = off)
     max_query_len: int = 256

@@ -77,23 +77,6 @@ class PatchEmbed(nn.Module):
         return rearrange(x, "b d h w -> b (h w) d")     # (B, N, D), row-major tokens
 
 
-class ImageStem(nn.Module):
-    """The image map at `factor`× the latent grid → `width` channels on the latent grid: a 3×3 convolution, a stride-2
-    3×3 one, then a patchifying (factor/2)×(factor/2) one, each followed by GELU (tiny option: the DiT sees the image
-    finely enough to tell a small star from a small square, which a map at the latent grid's 6 px per cell blurs)."""
-
-    def __init__(self, in_channels, width, factor):
-        super().__init__()
-        if factor < 2 or factor % 2:
-            raise ValueError(f"ImageStem: the image map must be an even multiple of the latent grid, got {factor}×")
-        self.net = nn.Sequential(nn.Conv2d(in_channels, width // 2, 3, padding=1), nn.GELU(),
-                                 nn.Conv2d(width // 2, width, 3, stride=2, padding=1), nn.GELU(),
-                                 nn.Conv2d(width, width, factor // 2, stride=factor // 2), nn.GELU())
-
-    def forward(self, x):
-        return self.net(x)                              # (B, width, H, W) on the latent grid
-
-
 #################################################################################
 #                                 Core DiT Model                                #
 #################################################################################
@@ -167,7 +150,7 @@ class DiT(nn.Module):
 
     def __init__(self, input_size=28, patch_size=2, in_channels=4, hidden_size=512, depth=12, num_heads=8,
                  mlp_ratio=4.0, learn_sigma=True, cond_dim=512, image_channels=0, caption_tokens=0,
-                 image_factor=1, stem_width=32):
+):
         super().__init__()
         if cond_dim != hidden_size:
             # the features are *added* to the timestep embedding, so they must have its width (512 for CLIP B/32)
@@ -184,9 +167,6 @@ class DiT(nn.Module):
         # 0: the authors' global image feature. > 0 (a tiny-preset option, not the paper's): the image comes as a
         # map of that many channels on the latent grid, concatenated to x_t before the patch embedding
         self.image_channels = image_channels
-        # > 1 (tiny option): the map comes at that many times the latent grid and a small conv stem brings it down
-        self.image_stem = ImageStem(image_channels, stem_width, image_factor) if image_factor > 1 else None
-        map_width = stem_width if self.image_stem is not None else image_channels
         # > 0 (a tiny-preset option, not the paper's): the caption comes as up to that many word vectors, which join
         # the patch tokens in one sequence (in-context conditioning, Peebles & Xie 2023, §3.2); all-zero = padding
         self.caption_tokens = caption_tokens
@@ -195,7 +175,7 @@ class DiT(nn.Module):
             pos = get_1d_sincos_pos_embed_from_grid(hidden_size, np.arange(caption_tokens, dtype=np.float64))
             self.register_buffer("caption_pos", torch.from_numpy(pos).float(), persistent=False)   # word order
 
-        self.x_embedder = PatchEmbed(patch_size, in_channels + map_width, hidden_size)
+        self.x_embedder = PatchEmbed(patch_size, in_channels + image_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         num_patches = (input_size // patch_size) ** 2
         # fixed sin-cos positions, stored (a frozen Parameter is part of the state dict, as in DiT `models.py`)
@@ -245,9 +225,7 @@ class DiT(nn.Module):
         feature (B, L ≤ caption_tokens, hidden) word vectors."""
         if self.image_channels:                                   # spatial condition: each token sees its image patch
             image_map = image_features.to(x.dtype)
-            if self.image_stem is not None:
-                image_map = self.image_stem(image_map)            # (B, stem_width, H, W)
-            elif image_map.shape[-1] != x.shape[-1]:              # a backbone's map on its own grid
+            if image_map.shape[-1] != x.shape[-1]:              # a backbone's map on its own grid
                 image_map = F.interpolate(image_map, size=x.shape[-2:], mode="bilinear", align_corners=False)
             x = torch.cat([x, image_map], dim=1)
             image_features = x.new_zeros(len(x), self.pos_embed.shape[-1])   # the adaLN condition keeps the caption
@@ -341,8 +319,6 @@ def dit_arch(cfg) -> dict:
     arch = dict(input_size=cfg.input_size, patch_size=cfg.patch_size, in_channels=4, hidden_size=cfg.hidden_size,
                 depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, learn_sigma=cfg.learn_sigma,
                 cond_dim=cfg.cond_dim, image_channels=map_channels(cfg), caption_tokens=cfg.caption_tokens)
-    if cfg.image_map_size > cfg.input_size:                   # only then: older configs keep their exact arguments
-        arch["image_factor"] = cfg.image_map_size // cfg.input_size
     return arch
 
 

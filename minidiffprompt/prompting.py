@@ -63,9 +63,11 @@ class DiffPromptGenerator(nn.Module):
         self.dit2language = MaskAdapter(cfg.length, text_dim, cfg.depth, **kw) if cfg.textual else None
         # prompt_layout "windows" (not the paper's): Swin block d's windows, (H, W, window size, shift) of its token
         # grid (swin.block_grids), each of which gets the tokens of the part of the mask under it
-        self.windows = windows if cfg.prompt_layout == "windows" and cfg.visual and cfg.generated else None
-        if cfg.prompt_layout == "windows" and self.windows is None and cfg.visual and cfg.generated:
-            raise ValueError("prompt_layout 'windows' needs the Swin's window grids (windows=...)")
+        self.windows = None
+        if cfg.prompt_layout == "windows" and cfg.visual and cfg.generated:
+            if windows is None:
+                raise ValueError("prompt_layout 'windows' needs the Swin's window grids (windows=...)")
+            self.windows = windows
         # without specific tokens nothing is sampled at all; with oracle masks the true mask replaces the samples
         self.needs_masks = cfg.generated and not cfg.oracle_masks
         if self.needs_masks:
@@ -133,7 +135,6 @@ class DiffPromptGenerator(nn.Module):
             visual = self.dit2vision.forward_all(masks, b) if self.dit2vision is not None else None
         textual = self.dit2language.forward_all(masks, b) if self.dit2language is not None else None
         return visual, textual
-
 
     def window_prompts(self, mask: torch.Tensor, d: int) -> torch.Tensor:
         """Layer d's visual prompts, one set per window of Swin block d (B, nW, L, dim): each window's generated

@@ -292,6 +292,7 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
     if cfg.guidance != 1 and not cfg.cond_dropout:
         raise SystemExit(f"train-dit: --guidance {cfg.guidance} needs a DiT that learned the null condition; "
                          "set --cond_dropout (e.g. 0.15) or --guidance 1")
+    load_stage1_vae(out)                     # fails early, before the data and extra scenes are fingerprinted
     stage = Path(out) / "dit"
     wanted = run_config(preset, data, out)
     final = [stage / n for n in ("model.safetensors", "config.json", "metrics.json")]

@@ -206,18 +206,17 @@ def test_truncated_checkpoint_names_missing_keys(tmp_path):
         load_dit(tmp_path / "model.safetensors", **{**TINY, "hidden_size": 64, "cond_dim": 64})
 
 
-def test_image_stem_and_backbone_maps_reach_the_latent_grid():
-    """A map finer than the latent grid goes through the DiT's conv stem (`image_factor`); a coarser backbone map is
-    resized onto the grid; either way the output is the DiT's and every patch sees the map."""
+def test_a_backbone_map_coarser_than_the_latent_grid_is_resized_onto_it():
+    """A backbone's map on its own grid (6×6 here) is resized onto the latent grid (8×8), and every patch sees it."""
     from minidiffprompt.dit import DiT
     torch.manual_seed(0)
     x, t, words = torch.randn(2, 4, 8, 8), torch.tensor([3, 50]), torch.randn(2, 32)
-    stem = DiT(input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=2, cond_dim=32, image_channels=3,
-               image_factor=4, stem_width=16)
-    assert stem(x, t, torch.randn(2, 3, 32, 32), words).shape == (2, 8, 8, 8)
-    assert sum(p.numel() for p in stem.image_stem.parameters()) == (3 * 8 * 9 + 8) + (8 * 16 * 9 + 16) + (16 * 16 * 4 + 16)
-    coarse = DiT(input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=2, cond_dim=32, image_channels=6)
-    assert coarse.image_stem is None and coarse(x, t, torch.randn(2, 6, 6, 6), words).shape == (2, 8, 8, 8)
-    with pytest.raises(ValueError, match="even multiple"):
-        DiT(input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=2, cond_dim=32, image_channels=3,
-            image_factor=3)
+    dit = DiT(input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=2, cond_dim=32, image_channels=6)
+    torch.nn.init.normal_(dit.final_layer.linear.weight)        # adaLN-Zero starts at a zero output: wake it up
+    torch.nn.init.normal_(dit.final_layer.adaLN_modulation[-1].weight)
+    image_map = torch.randn(2, 6, 6, 6)
+    out = dit(x, t, image_map, words)
+    assert out.shape == (2, 8, 8, 8)
+    image_map[:, :, 0, 0] += 1.0                                # one map cell moves the patches over that corner
+    changed = (dit(x, t, image_map, words) - out).abs().amax(dim=(0, 1))
+    assert changed[:2, :2].min() > 0

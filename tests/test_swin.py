@@ -246,17 +246,3 @@ def test_sincos_position_tables_add_a_fixed_code_and_no_parameters():
     assert swin.state_dict().keys() == SwinTransformer(embed_dim=8, depths=(1, 1), num_heads=(1, 2),
                                                        window_size=4).state_dict().keys()
 
-
-def test_fourier_position_code_has_a_2d_bump_kernel():
-    """Random Fourier features: T(p)·T(p) = dim/2, and the dot product falls off with the distance in both axes at
-    once (a bump), where the sine-cosine table's row + column kernel, dominated by its slow frequencies, stays high
-    along the whole row."""
-    from minidiffprompt.glip.swin import fourier_table, sincos_table
-    T, S = fourier_table(32, 24, 24), sincos_table(32, 24, 24)
-    centre = 12 * 24 + 12
-    k, s = (T @ T[centre]).reshape(24, 24), (S @ S[centre]).reshape(24, 24)
-    torch.testing.assert_close(k[12, 12], torch.tensor(16.0))
-    assert k[12, 12] > k[12, 14] > k[12, 18] and k[12, 12] > k[14, 12] > k[18, 12]
-    assert k[12, 4:8].abs().max() < 0.2 * k[12, 12] and k[0:6, 0:6].abs().max() < 0.25 * k[12, 12]
-    assert s[12, 4:8].min() > 0.7 * s[12, 12]                  # the sine-cosine table: nearly flat along the row
-    assert torch.equal(fourier_table(32, 24, 24), T)           # fixed: the same frequencies every time

@@ -26,6 +26,7 @@ def _preset(epochs=2):
     p.dit.condition = "tiny"             # the hand-built encoder takes any width; the shipped tiny CLIP gives 128
     p.dit.depth, p.dit.num_heads, p.dit.batch_size, p.dit.epochs = 1, 2, 16, epochs
     p.dit.eval_items, p.dit.ddim_steps = 8, 5
+    p.dit.extra_scenes = 0               # the 8,400 extra synthetic scenes are the tiny recipe's, not the plumbing's
     return p
 
 

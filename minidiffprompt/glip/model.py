@@ -49,7 +49,7 @@ class GLIP(nn.Module):
         self.vocab_file = vocab_file = vocab_file or cfg.text_vocab or None
         swin = SwinTransformer(cfg.patch_size, cfg.embed_dim, cfg.depths, cfg.num_heads, cfg.window_size,
                                drop_path_rate=cfg.drop_path_rate, ape_grid=cfg.swin_ape,
-                               sincos=cfg.swin_sincos, code=cfg.swin_code)
+                               sincos=cfg.swin_sincos)
         fpn = FPN(swin.num_features[1:], cfg.fpn_channels, drop_block_prob=cfg.fpn_drop_block,
                   sincos=cfg.fpn_sincos)
         self.backbone = nn.Sequential(OrderedDict(body=swin, fpn=fpn))

@@ -267,20 +267,6 @@ def sincos_table(dim: int, H: int, W: int, scale: float = 1.0) -> torch.Tensor:
                                             get_1d_sincos_pos_embed_from_grid(dim // 2, rows)], 1)).float()
 
 
-@functools.lru_cache(maxsize=32)
-def fourier_table(dim: int, H: int, W: int, sigma: float = 12.0, seed: int = 0) -> torch.Tensor:
-    """(H·W, dim) random Fourier features of each cell centre p in image units ([0, 1]², row-major): [cos(ω_j·p),
-    sin(ω_j·p)] for dim/2 fixed frequencies ω_j ~ N(0, σ²I) (Rahimi & Recht 2007; Tancik et al. 2020). Unlike the
-    sine-cosine table, whose dot products add a row kernel and a column kernel, T(p)·T(p') ≈ (dim/2)·exp(−σ²|p−p'|²/2)
-    is a 2-D bump: one key built from a mask, Σ over its cells of T, meets each query as how much of the mask lies
-    near it (σ = 12: half height at 0.1 of the image side)."""
-    omega = torch.randn(dim // 2, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * sigma
-    rows, cols = torch.meshgrid((torch.arange(H, dtype=torch.float64) + 0.5) / H,
-                                (torch.arange(W, dtype=torch.float64) + 0.5) / W, indexing="ij")
-    phase = torch.stack([cols.flatten(), rows.flatten()], 1) @ omega.T                  # (H·W, dim/2)
-    return torch.cat([phase.cos(), phase.sin()], 1).float()
-
-
 def position_code(maps: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
     """maps + scale × a sine-cosine table of where each cell lies, counted in cells of the finest map: the position
     code of a feature pyramid (as DETR codes the position of its detection features). Not part of GLIP-T(A)."""
@@ -296,16 +282,13 @@ class SwinTransformer(nn.Module):
 
     def __init__(self, patch_size: int = 4, embed_dim: int = 96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
                  window_size: int = 7, mlp_ratio: float = 4.0, drop_path_rate: float = 0.2, out_norms: bool = True,
-                 ape_grid: int = 0, sincos: float = 0.0, code: str = "sincos"):
+                 ape_grid: int = 0, sincos: float = 0.0):
         super().__init__()
         # a fixed 2-D sine-cosine table × `sincos` added to the tokens at the input of every stage (the position code
         # of MAE and DiT; not part of GLIP-T(A)): unlike a randomly initialised learned table, it holds each coordinate
         # in a few smooth channels that a linear read-out decodes, and every stage's blocks, where visual prompts
         # join, see it afresh
         self.sincos = sincos
-        if code not in ("sincos", "fourier"):
-            raise ValueError(f"swin position code {code!r}: choose sincos or fourier")
-        self.code = code
         self.embed_dim, self.depths = embed_dim, tuple(depths)
         self.num_features = [embed_dim * 2 ** i for i in range(len(depths))]
         self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
@@ -374,8 +357,7 @@ class SwinTransformer(nn.Module):
         for i, stage in enumerate(self.layers[:stages]):
             C = self.num_features[i]
             if self.sincos:  # at every stage's input, cells counted in patch-embedding cells
-                table = sincos_table(C, H, W, scale=H0 / H) if self.code == "sincos" else fourier_table(C, H, W)
-                x = x + self.sincos * table.to(x)
+                x = x + self.sincos * sincos_table(C, H, W, scale=H0 / H).to(x)
             for block in stage.blocks:
                 x = block(x, H, W, self._prompt_for(visual_prompts, g, C, B))
                 g += 1
