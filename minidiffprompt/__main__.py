@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v[2]}" for k, v in COMMANDS.items()))
     parser.add_argument("--preset", default="tiny", choices=["tiny", "paper"])
     parser.add_argument("--data", type=Path, default=None, help="processed data folder (default: the preset's)")
-    parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<preset>, demo: runs/demo)")
+    parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<preset>, demo: runs/demo); eval-base: "
+                        "the JSON file to write; bench: a FILE.json, or a folder that gets bench.json")
     parser.add_argument("--device", default="auto", type=device_name, help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--no-resume", action="store_true", help="start the stage afresh")
     parser.add_argument("--batch", type=int, default=None, help="bench: items per measured step")
@@ -123,12 +124,16 @@ def main(argv: list[str] | None = None):
     try:
         apply_overrides([getattr(preset, s) for s in sections], parse_overrides(rest))
         preset.prompt.check(preset.glip)
-        writable_folder(out.parent if args.command == "eval-base" else out)
+        # eval-base and `bench --out FILE.json` write one file; every other command writes a run folder
+        to_file = args.command == "eval-base" or (args.command == "bench" and out.suffix == ".json")
+        writable_folder(out.parent if to_file else out)
         module = importlib.import_module(f"minidiffprompt.{module_name}")
         if args.command == "eval-base":
             if args.out is None:
                 raise SystemExit("eval-base: give --out FILE.json")
             return module.main(preset, data, out, probe=args.probe)
+        if to_file:
+            return module.main(preset, data, out, resume=False, batch=args.batch, compile=args.compile or None)
         # one writer per run folder (under torchrun the ranks of one run share it: rank 0 holds the lock)
         with run_lock(out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
             if args.command == "bench":

@@ -35,13 +35,10 @@ import torch
 
 from .utils.checkpoint import write_json, write_text
 from .config import Preset
+from .evaluate import LABELS, label_order
 
 DEMO_METHODS = ("vpt", "textprompt", "diffprompt")
-LABELS = {"zeroshot": "zero-shot GLIP (frozen base)", "vpt": "VPT-deep (visual prompts)",
-          "textprompt": "deep text prompts", "diffprompt": "Diff-Prompt", "full": "full fine-tuning",
-          "oracle": "Diff-Prompt fed the true mask (oracle)",
-          "windows": "Diff-Prompt, tokens per window (not the paper's)",
-          "oracle-windows": "the same fed the true mask (oracle)"}
+
 # the long study: two passes over the train split (758 steps of 16: where the true-mask oracle's val curve flattens),
 # per method (name → prompt settings) a learning-rate grid; full fine-tuning gets its own. "windows" and
 # "oracle-windows" are not the paper's: each Swin window's tokens come from the part of the mask under it
@@ -333,7 +330,7 @@ def write_report(preset: Preset, root: Path, out: Path, results: dict, timings: 
     rounded = lambda d: {k: round(x, 2) for k, x in d.items()}   # noqa: E731
     table = {m: {s: {**rounded({k: v[k] for k in ("R@1", "R@5", "UB")}), "by_kind": rounded(v["by_kind"]),
                      **{k: rounded(x) for k, x in v.items() if k.startswith("vs_")}}
-                 for s, v in per.items()} for m, per in results.items()}
+                 for s, v in per.items()} for m, per in sorted(results.items(), key=lambda kv: label_order(kv[0]))}
     write_json(out / "results.json", table)
     figure_data(root, preset, figs / "data_samples.png")
     figure_vae(root, preset, out, figs / "vae_reconstructions.png")
@@ -375,7 +372,7 @@ def write_report(preset: Preset, root: Path, out: Path, results: dict, timings: 
         "## Trainable parameters (stage 3)", "",
         "| method | trainable parameters | steps | training time (s) |", "|---|---|---|---|",
         *[f"| {LABELS.get(m, m)} | {p['trainable_parameters']:,} | {len(p.get('step_losses', []))} | "
-          f"{p['train_seconds']} |" for m, p in prompts.items()], "",
+          f"{p['train_seconds']} |" for m, p in sorted(prompts.items(), key=lambda kv: label_order(kv[0]))], "",
         "## The stages", "",
         f"* Mask-VAE ({origin['vae']}): val IoU of the reconstructed masks "
         f"{measured['vae'].get('val_iou', float('nan')):.3f}.",

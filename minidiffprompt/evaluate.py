@@ -153,42 +153,64 @@ def trained_methods(out: Path) -> list[Path]:
     return sorted(p for p in root.glob("*") if (p / "config.json").exists()) if root.exists() else []
 
 
+# how the report, the figure and the notebooks name each method (and, for the demo's report, their row order)
+LABELS = {"zeroshot": "zero-shot GLIP (frozen base)", "vpt": "VPT-deep (visual prompts)",
+          "textprompt": "deep text prompts", "full": "full fine-tuning", "diffprompt": "Diff-Prompt",
+          "oracle": "Diff-Prompt fed the true mask (oracle)",
+          "windows": "Diff-Prompt, tokens per window (not the paper's)",
+          "oracle-windows": "Diff-Prompt, tokens per window, fed the true mask (oracle)"}
+
+
+def label_order(method: str) -> tuple:
+    """Tables and figures list the methods of LABELS in its order, any other after them by name."""
+    order = list(LABELS)
+    return (order.index(method), "") if method in order else (len(order), method)
+
+
 def qualitative_figure(samples: dict, dataset, indices: list[int], preset: Preset, path: Path,
                        masks: torch.Tensor | None = None) -> Path:
-    """One panel per expression `indices[j]`: the image, the ground-truth box (dashed), each method's top box
-    (`samples[method][j]`) and, given `masks` (n, M, M), the DiT's generated mask for it in white."""
+    """A grid: one column per expression `indices[j]`, one row per method with its top box (`samples[method][j]`),
+    green where it hits the referred object (IoU ≥ the evaluation threshold), red where it misses; the ground-truth
+    box dashed. Given `masks` (n, M, M), a first row shows the DiT's generated mask for each expression in white."""
     import textwrap
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
+    from torchvision.ops import box_iou
+    rows = (["mask"] if masks is not None else []) + list(samples)
     n = len(indices)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.6), squeeze=False)
-    for j, ax in enumerate(axes[0]):
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.8 * n + 1.6, 1.8 * len(rows) + 0.9), squeeze=False)
+    for j in range(n):
         item = dataset[indices[j]]
-        S = item["image"].shape[-1]
-        ax.imshow(item["image"].permute(1, 2, 0).numpy(), extent=(0, S, S, 0))
-        if masks is not None:       # the DiT's mask, stretched over the image as the adapters see it
-            m = masks[j].clamp(0, 1).numpy()
-            ax.imshow(np.stack([m] * 3 + [0.55 * m], -1), extent=(0, S, S, 0))
-        x1, y1, x2, y2 = item["box"].tolist()
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ls="--", lw=2, ec="lime"))
-        for c, (method, preds) in enumerate(samples.items()):
-            if len(preds[j]["boxes"]):
-                x1, y1, x2, y2 = preds[j]["boxes"][0].tolist()
-                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.5, ec=colors[c % len(colors)],
-                                       label=method))
-        ax.set_title("\n".join(textwrap.wrap(item["caption"], 30)), fontsize=8)   # whole, on up to 3 lines
-        ax.axis("off")
-    handles = [Rectangle((0, 0), 1, 1, fill=False, ec="lime", ls="--", label="ground truth")]
-    if masks is not None:
-        handles.append(Rectangle((0, 0), 1, 1, fc="white", ec="grey", label="DiT's mask"))
-    handles += [Rectangle((0, 0), 1, 1, fill=False, ec=colors[c % len(colors)], label=m) for c, m in enumerate(samples)]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+        S, gt = item["image"].shape[-1], item["box"]
+        axes[0, j].set_title("\n".join(textwrap.wrap(item["caption"], 24)), fontsize=8)
+        for r, row in enumerate(rows):
+            ax = axes[r, j]
+            ax.imshow(item["image"].permute(1, 2, 0).numpy(), extent=(0, S, S, 0))
+            if row == "mask":       # the DiT's mask, stretched over the image as the adapters see it
+                m = masks[j].clamp(0, 1).numpy()
+                ax.imshow(np.stack([m] * 3 + [0.6 * m], -1), extent=(0, S, S, 0))
+            else:
+                boxes = torch.as_tensor(samples[row][j]["boxes"]).reshape(-1, 4)
+                if len(boxes):
+                    hit = box_iou(boxes[:1].float(), gt[None].float())[0, 0] >= preset.eval.iou_threshold
+                    x1, y1, x2, y2 = boxes[0].tolist()
+                    ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=2,
+                                           ec="limegreen" if hit else "red"))
+            x1, y1, x2, y2 = gt.tolist()
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ls="--", lw=1, ec="black"))
+            ax.set_xticks([]); ax.set_yticks([])
+            if j == 0:
+                label = "the DiT's mask" if row == "mask" else LABELS.get(row, row)
+                ax.set_ylabel("\n".join(textwrap.wrap(label, 18)), fontsize=8)
+    handles = [Rectangle((0, 0), 1, 1, fill=False, ls="--", ec="black", label="ground truth"),
+               Rectangle((0, 0), 1, 1, fill=False, lw=2, ec="limegreen", label="top box: a hit"),
+               Rectangle((0, 0), 1, 1, fill=False, lw=2, ec="red", label="top box: a miss")]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.5 / (1.8 * len(rows) + 0.9), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")     # with the titles of up to three lines
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -264,6 +286,7 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
             batch = collate([datasets[first][i] for i in shown])
             masks = prompter.sample_masks(batch["image"].to(device), batch["caption"],
                                           sample_seeds(batch["index"], ev.seed))[0, :, 0].float().cpu()
+    samples = dict(sorted(samples.items(), key=lambda kv: label_order(kv[0])))
     qualitative_figure(samples, datasets[first], shown, preset, eval_dir / "qualitative.png", masks)
     print(results_table_markdown(results), flush=True)
     return results

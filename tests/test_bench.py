@@ -14,6 +14,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from minidiffprompt import bench
+from minidiffprompt.__main__ import main as cli
 from minidiffprompt.glip.bert import PromptedBert
 from minidiffprompt.config import GLIPConfig, get_preset
 from minidiffprompt.dit import DiT
@@ -124,8 +125,10 @@ def test_batched_vae_decode_matches_a_loop():
 def test_bench_runs_on_the_tiny_preset(tmp_path, monkeypatch, capsys):
     preset = get_preset("tiny")
     preset.device = "cpu"
-    result = bench.main(preset, None, tmp_path / "out.json")
+    monkeypatch.setattr("minidiffprompt.__main__.get_preset", lambda name: preset)
+    result = cli(["bench", "--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "out.json")])
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "out.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]    # the file --out names, nothing else
     stored = json.loads((tmp_path / "out.json").read_text())
     assert stored["stages"].keys() == {"vae_train_step", "dit_train_step", "ddim_prompts_per_image", "glip_forward",
                                        "stage3_train_step", "eval_per_image"}

@@ -273,3 +273,16 @@ def test_a_resumed_checkpoint_with_wrong_weights_is_refused(tmp_path, monkeypatc
     torch.save({**state, "optimizer": {"state": {}, "param_groups": []}}, ckpt)
     with pytest.raises(CheckpointMismatch, match="'optimizer' state does not fit"):
         train_vae.main(preset, tmp_path / "data", out)
+
+
+def test_progress_into_a_file_writes_a_few_whole_lines(monkeypatch):
+    """Into a file or a pipe a progress bar writes plain lines, at most one every 30 s: a 2,000-step loop that
+    takes a moment leaves its first line and none of tqdm's carriage-return redraws."""
+    import io
+    from minidiffprompt.utils.runtime import progress
+    monkeypatch.delenv("MDP_QUIET", raising=False)
+    log = io.StringIO()
+    for i in (bar := progress(range(2000), desc="stage", leave=False, file=log)):
+        bar.set_postfix(loss=i)                  # redraws at once on a terminal
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and 1 <= len(lines) <= 2 and lines[0].startswith("stage")

@@ -5,6 +5,7 @@ import contextlib
 import os
 import random
 import sys
+import time
 
 import numpy as np
 import torch
@@ -48,11 +49,34 @@ def autocast(device: torch.device, enabled: bool = True):
     return contextlib.nullcontext()
 
 
+class _LogLines:
+    """A progress bar's stream for a file or a pipe: a redraw becomes one whole line, at most one every `every`
+    seconds (a bar also redraws when its postfix changes), blank ones dropped."""
+
+    def __init__(self, stream, every: float = 30.0):
+        self.stream, self.every, self.last = stream, every, -float("inf")
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").strip()
+        if text and time.monotonic() - self.last >= self.every:
+            self.stream.write(text + "\n")
+            self.last = time.monotonic()
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def progress(iterable=None, **kwargs):
-    """tqdm progress bar; MDP_QUIET=1 silences it (tests, notebooks in CI)."""
+    """tqdm progress bar; MDP_QUIET=1 silences it (tests, notebooks in CI). On a terminal it redraws in place; into
+    a file or a pipe (`make demo > log`) it writes one plain line at most every 30 s, so a log stays readable."""
     kwargs.setdefault("disable", os.environ.get("MDP_QUIET") == "1")
-    kwargs.setdefault("dynamic_ncols", True)
-    return tqdm(iterable, **kwargs)
+    stream = kwargs.pop("file", sys.stderr)
+    if stream.isatty() or tqdm.__module__ == "tqdm.notebook":   # a terminal, or Jupyter's own widget
+        kwargs.setdefault("dynamic_ncols", True)
+    else:
+        stream = _LogLines(stream)
+        kwargs.update(mininterval=30.0, ncols=100, ascii=True)
+    return tqdm(iterable, file=stream, **kwargs)
 
 
 def loader_kwargs(num_workers: int, device: torch.device) -> dict:
