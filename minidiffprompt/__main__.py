@@ -94,6 +94,18 @@ def writable_folder(out: Path) -> None:
         raise OSError(f"--out {out} is not a writable folder ({e.strerror}); choose another --out") from None
 
 
+def data_root(data: Path, default: bool) -> Path:
+    """The processed data folder: the tiny preset's synthetic default is built when absent (as the demo does);
+    any other missing folder is an error that names the command that makes it."""
+    if data.exists():
+        return data
+    if default:
+        from .data.synthetic import ensure_synthetic
+        return ensure_synthetic(data.parent if data.name == "processed" else data)
+    raise FileNotFoundError(f"--data {data}: no such folder; make it with `python data_prep.py "
+                            "refcoco ... --out DIR` (or `python data_prep.py synthetic --out DIR`, then DIR/processed)")
+
+
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["ship"]:
@@ -123,6 +135,8 @@ def main(argv: list[str] | None = None):
                                       else preset.name)
     try:
         apply_overrides([getattr(preset, s) for s in sections], parse_overrides(rest))
+        if args.command not in ("demo", "bench"):      # the demo builds its data itself; bench needs none
+            data = data_root(data, default=args.data is None and preset.name == "tiny")
         preset.prompt.check(preset.glip)
         # eval-base and `bench --out FILE.json` write one file; every other command writes a run folder
         to_file = args.command == "eval-base" or (args.command == "bench" and out.suffix == ".json")

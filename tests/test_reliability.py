@@ -286,3 +286,16 @@ def test_progress_into_a_file_writes_a_few_whole_lines(monkeypatch):
         bar.set_postfix(loss=i)                  # redraws at once on a terminal
     lines = log.getvalue().splitlines()
     assert "\r" not in log.getvalue() and 1 <= len(lines) <= 2 and lines[0].startswith("stage")
+
+
+def test_missing_data_is_built_for_the_tiny_default_and_named_otherwise(tmp_path, monkeypatch):
+    """The tiny preset's synthetic default is built when absent (as the demo does); a missing --data folder is a
+    one-line error naming data_prep.py."""
+    from minidiffprompt.__main__ import data_root, main as cli
+    with pytest.raises(SystemExit, match="data_prep.py refcoco"):
+        cli(["eval-base", "--preset", "tiny", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b.json")])
+    made = []
+    monkeypatch.setattr("minidiffprompt.data.synthetic.ensure_synthetic", lambda d: made.append(d) or d / "processed")
+    assert data_root(tmp_path / "synth" / "processed", default=True) == tmp_path / "synth" / "processed"
+    assert made == [tmp_path / "synth"]
+    assert data_root(tmp_path, default=True) == tmp_path and len(made) == 1     # an existing folder is used as is
