@@ -115,8 +115,9 @@ def main(argv: list[str] | None = None):
     parser.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v[2]}" for k, v in COMMANDS.items()))
     parser.add_argument("--preset", default="tiny", choices=["tiny", "paper"])
     parser.add_argument("--data", type=Path, default=None, help="processed data folder (default: the preset's)")
-    parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<preset>, demo: runs/demo); eval-base: "
-                        "the JSON file to write; bench: a FILE.json, or a folder that gets bench.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run folder (default: runs/<preset>, demo: runs/demo); eval-base: the JSON file to write; "
+                             "bench: a FILE.json, or a folder that gets bench.json")
     parser.add_argument("--device", default="auto", type=device_name, help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--no-resume", action="store_true", help="start the stage afresh")
     parser.add_argument("--batch", type=int, default=None, help="bench: items per measured step")

@@ -149,8 +149,7 @@ class DiT(nn.Module):
     """Diffusion model with a Transformer backbone, conditioned on (image feature, caption feature)."""
 
     def __init__(self, input_size=28, patch_size=2, in_channels=4, hidden_size=512, depth=12, num_heads=8,
-                 mlp_ratio=4.0, learn_sigma=True, cond_dim=512, image_channels=0, caption_tokens=0,
-):
+                 mlp_ratio=4.0, learn_sigma=True, cond_dim=512, image_channels=0, caption_tokens=0):
         super().__init__()
         if cond_dim != hidden_size:
             # the features are *added* to the timestep embedding, so they must have its width (512 for CLIP B/32)
@@ -225,7 +224,7 @@ class DiT(nn.Module):
         feature (B, L ≤ caption_tokens, hidden) word vectors."""
         if self.image_channels:                                   # spatial condition: each token sees its image patch
             image_map = image_features.to(x.dtype)
-            if image_map.shape[-1] != x.shape[-1]:              # a backbone's map on its own grid
+            if image_map.shape[-1] != x.shape[-1]:                # a backbone's map on its own grid
                 image_map = F.interpolate(image_map, size=x.shape[-2:], mode="bilinear", align_corners=False)
             x = torch.cat([x, image_map], dim=1)
             image_features = x.new_zeros(len(x), self.pos_embed.shape[-1])   # the adaLN condition keeps the caption
