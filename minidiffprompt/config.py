@@ -9,6 +9,7 @@ The CLI overrides any field of the stage it runs: `python -m minidiffprompt trai
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -351,8 +352,41 @@ def _coerce(value: str, current):
     return type(current)(value)
 
 
+# the range every numeric option must lie in, checked when the command line sets it (defaults are in range):
+# at least 1, at least 0, or a share of a whole; every float must also be finite
+AT_LEAST_ONE = {"image_size", "mask_size", "layers_per_block", "latent_channels", "norm_num_groups", "batch_size",
+                "epochs", "input_size", "patch_size", "hidden_size", "num_heads", "cond_dim",
+                "diffusion_steps", "ddim_steps", "eval_items", "steps", "embed_dim", "window_size", "fpn_channels",
+                "dyhead_blocks", "gn_groups", "text_hidden", "text_layers", "text_heads", "max_query_len",
+                "num_cls_logits", "atss_topk", "pre_nms_top_n", "detections_per_img", "length", "micro_batch"}
+AT_LEAST_ZERO = {"num_workers", "caption_tokens", "extra_scenes", "swin_ape", "warmup_steps", "eval_max_items",
+                 "max_steps", "val_items", "val_every", "max_items", "lr_gamma", "kl_weight", "weight_decay",
+                 "grad_clip", "head_lr_mult", "token_lr_mult", "text_lr_mult", "swin_sincos", "fpn_sincos",
+                 "head_sincos", "anchor_scale", "mlp_ratio", "guidance", "eta"}
+SHARES = {"ema_decay", "cond_dropout", "mask_prob", "drop_path_rate", "fpn_drop_block", "phrase_prompts",
+          "attribute_phrases", "position_phrases", "holdout_fraction", "inference_th", "nms_th", "iou_threshold"}
+
+
+def check_value(name: str, value) -> None:
+    """A ValueError naming the allowed range when a command-line value cannot be meant (0 epochs, a NaN loss
+    weight, an IoU threshold of 2)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value}")
+    if name in ("lr", "iou_threshold") and value <= 0:
+        raise ValueError(f"must be > 0, got {value}")
+    if name in AT_LEAST_ONE and value < 1:
+        raise ValueError(f"must be at least 1, got {value}")
+    if name in AT_LEAST_ZERO and value < 0:
+        raise ValueError(f"must be at least 0, got {value}")
+    if name in SHARES and not 0 <= value <= 1:
+        raise ValueError(f"must lie in [0, 1], got {value}")
+
+
 def apply_overrides(configs: list, overrides: dict[str, str]) -> None:
-    """Set `--key value` pairs on the first of `configs` that has the field; unknown keys are an error."""
+    """Set `--key value` pairs on the first of `configs` that has the field; unknown keys and values out of their
+    option's range are an error."""
     for key, value in overrides.items():
         name = key.replace("-", "_")
         target = next((c for c in configs if name in {f.name for f in dataclasses.fields(c)}), None)
@@ -360,7 +394,9 @@ def apply_overrides(configs: list, overrides: dict[str, str]) -> None:
             known = sorted({f.name for c in configs for f in dataclasses.fields(c)})
             raise SystemExit(f"unknown option --{key}; this command takes: " + ", ".join("--" + k for k in known))
         try:
-            setattr(target, name, _coerce(value, getattr(target, name)))
+            value = _coerce(value, getattr(target, name))
+            check_value(name, value)
+            setattr(target, name, value)
         except ValueError as e:
             raise SystemExit(f"--{key}: {e}") from None
 

@@ -34,7 +34,7 @@ from .diffusion import GaussianDiffusion, ddim_timesteps, get_betas
 from .utils.distributed import (all_reduce_mean, barrier, cleanup, distributed_loader, init_distributed, is_main, rank,
                                 set_epoch, world_size, wrap_ddp)
 from .dit import DiT, dit_arch, dit_from_config, guided, load_dit
-from .utils.runtime import progress, seed_everything
+from .utils.runtime import check_finite, progress, seed_everything
 from .vae import MaskVAE, load_mask_vae
 
 EVAL_SEED = 0      # DDIM start noise of the generation evaluation: the reported IoU is repeatable
@@ -354,6 +354,7 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
             losses = diffusion.training_losses(lambda x, tt: model(x, tt, img, txt), x0, t,
                                                x0_weight_cap=cfg.x0_weight_cap)
             loss = losses["loss"].mean()
+            check_finite(loss, "train-dit", steps + 1, cfg.lr)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -31,7 +31,7 @@ from .utils.checkpoint import (fingerprint, load_training, match_run, restore_tr
 from .config import Preset, VAEConfig
 from .utils.distributed import (all_reduce_mean, barrier, cleanup, distributed_loader, init_distributed, is_main, rank,
                                 set_epoch, world_size, wrap_ddp)
-from .utils.runtime import loader_kwargs, progress, seed_everything
+from .utils.runtime import check_finite, loader_kwargs, progress, seed_everything
 from .vae import DiagonalGaussian, MaskVAE, diffusers_config
 
 VAL_SEED = 0   # the posterior samples of the validation pass are drawn from this seed: validation is repeatable
@@ -91,10 +91,11 @@ def train_one_epoch(vae, loader, optimizer, device, kl_weight: float, desc: str 
     vae.train()
     totals, n = {"loss": 0.0, "mse": 0.0, "kl": 0.0}, 0
     bar = progress(loader, desc=desc, leave=False)
-    for batch in bar:
+    for step, batch in enumerate(bar, 1):
         x = _masks(batch, device)                       # (B, 1, M, M) in [0, 1]
         recon, posterior = vae(x, sample=True)
         loss, mse, kl = vae_loss(recon, x, posterior, kl_weight)
+        check_finite(loss, "train-vae", step, optimizer.param_groups[0]["lr"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

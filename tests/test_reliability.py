@@ -102,6 +102,18 @@ def test_the_synthetic_set_is_not_written_over_a_users_folder(tmp_path):
     (["train-prompts", "--method", "vpt", "--depth", "0"], "depth must be 1..8 (8 Swin blocks)"),
     (["train-prompts", "--length", "3"], "--length 3: Diff-Prompt splits each layer's tokens"),
     (["train-prompts", "--method", "nope"], "unknown --method 'nope'"),
+    # one range check for every numeric option of every command
+    (["train-prompts", "--epochs", "0"], "--epochs: must be at least 1, got 0"),
+    (["train-prompts", "--max_steps", "-5"], "--max_steps: must be at least 0, got -5"),
+    (["train-prompts", "--val_every", "-1"], "--val_every: must be at least 0, got -1"),
+    (["train-prompts", "--batch_size", "0"], "--batch_size: must be at least 1, got 0"),
+    (["train-prompts", "--micro_batch", "0"], "--micro_batch: must be at least 1, got 0"),
+    (["train-prompts", "--ddim_steps", "0"], "--ddim_steps: must be at least 1, got 0"),
+    (["train-prompts", "--lr", "nan"], "--lr: must be a finite number, got nan"),
+    (["train-vae", "--kl_weight", "nan"], "--kl_weight: must be a finite number, got nan"),
+    (["train-vae", "--image_size", "0"], "--image_size: must be at least 1, got 0"),
+    (["evaluate", "--iou_threshold", "2"], "--iou_threshold: must lie in [0, 1], got 2.0"),
+    (["evaluate", "--iou_threshold", "0"], "--iou_threshold: must be > 0, got 0.0"),
 ])
 def test_bad_settings_stop_with_one_line_before_any_work(tmp_path, args, message):
     from minidiffprompt.__main__ import main
@@ -299,3 +311,21 @@ def test_missing_data_is_built_for_the_tiny_default_and_named_otherwise(tmp_path
     assert data_root(tmp_path / "synth" / "processed", default=True) == tmp_path / "synth" / "processed"
     assert made == [tmp_path / "synth"]
     assert data_root(tmp_path, default=True) == tmp_path and len(made) == 1     # an existing folder is used as is
+
+
+def test_a_diverged_vae_or_dit_stops_before_anything_is_saved(tmp_path, monkeypatch):
+    """A non-finite loss stops the stage with a one-line FloatingPointError naming --lr; no finished run is left."""
+    import torch
+    from minidiffprompt import train_vae
+    from minidiffprompt.config import get_preset
+    from minidiffprompt.utils.runtime import check_finite
+    with pytest.raises(FloatingPointError, match=r"train-dit: the loss is nan at step 7; .* lower --lr \(now 0.1\)"):
+        check_finite(torch.tensor(float("nan")), "train-dit", 7, 0.1)
+    check_finite(torch.tensor(1.0), "train-dit", 7, 0.1)
+    preset = get_preset("tiny")
+    preset.vae.epochs = 1
+    monkeypatch.setattr(train_vae, "vae_loss", lambda recon, x, post, w: (recon.mean() * float("inf"),) * 3)
+    data = ensure_synthetic(tmp_path / "synth", seed=1, images=12, size=64, **quiet)
+    with pytest.raises(FloatingPointError, match="train-vae: the loss is"):
+        train_vae.main(preset, data, tmp_path / "run")
+    assert not (tmp_path / "run" / "vae" / "model.safetensors").exists()

@@ -85,3 +85,11 @@ def loader_kwargs(num_workers: int, device: torch.device) -> dict:
     if num_workers > 0:
         kw["persistent_workers"] = True
     return kw
+
+
+def check_finite(loss: torch.Tensor, stage: str, step: int, lr: float) -> None:
+    """Stop a diverged run before its non-finite weights are saved or reach the next stage: a FloatingPointError
+    that the command line reports in one line."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{stage}: the loss is {float(loss)} at step {step}; nothing was saved for this "
+                                 f"epoch, lower --lr (now {lr:g})")
