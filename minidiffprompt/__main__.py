@@ -69,6 +69,9 @@ def ship_main(argv: list[str]):
     parser.add_argument("name", help="the shipped name, e.g. tiny_glip")
     parser.add_argument("--extra", type=Path, help="a JSON file whose entries join metrics.json (eval-base's)")
     args = parser.parse_args(argv)
+    if not (args.run / "metrics.json").exists():
+        raise SystemExit(f"ship: {args.run} holds no finished run (metrics.json); give a stage folder such as "
+                         "runs/tiny/glip")
     extra = json.loads(args.extra.read_text()) if args.extra else None
     print(ship(args.run, args.name, extra))
 
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v[2]}" for k, v in COMMANDS.items()))
     parser.add_argument("--preset", default="tiny", choices=["tiny", "paper"])
     parser.add_argument("--data", type=Path, default=None, help="processed data folder (default: the preset's)")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", default=None,
                         help="run folder (default: runs/<preset>, demo: runs/demo); eval-base: the JSON file to write; "
                              "bench: a FILE.json, or a folder that gets bench.json")
     parser.add_argument("--device", default="auto", type=device_name, help="auto | cpu | cuda | cuda:N")
@@ -132,10 +135,15 @@ def main(argv: list[str] | None = None):
     preset = get_preset(args.preset)
     preset.device = args.device
     data = args.data or Path(preset.data.root)
+    if args.out is not None and not args.out.strip():         # Path("") would be the current folder
+        raise SystemExit(f"{args.command}: --out is empty; name a run folder, or leave --out out for the default")
+    args.out = Path(args.out) if args.out is not None else None
     out = args.out or Path("runs") / ({"short": "demo", "long": "demo-long"}[args.budget] if args.command == "demo"
                                       else preset.name)
     try:
         apply_overrides([getattr(preset, s) for s in sections], parse_overrides(rest))
+        if args.command == "evaluate" and not preset.eval.splits:
+            raise ValueError("--splits is empty; name at least one of val,testA,testB")
         if args.command not in ("demo", "bench"):      # the demo builds its data itself; bench needs none
             data = data_root(data, default=args.data is None and preset.name == "tiny")
         preset.prompt.check(preset.glip)
@@ -156,6 +164,8 @@ def main(argv: list[str] | None = None):
             if args.command == "demo":
                 return module.main(preset, data, out, resume=not args.no_resume, budget=args.budget)
             return module.main(preset, data, out, resume=not args.no_resume)
+    except KeyboardInterrupt:      # every stage checkpoints atomically after each epoch
+        raise SystemExit(f"{args.command}: interrupted; the same command resumes after the last finished epoch") from None
     except (OSError, ValueError, FloatingPointError, CheckpointMismatch, DataError, RunLocked) as e:
         # a missing or unreadable input, a wrong file, a bad setting: one line that names it (--debug: traceback)
         if args.debug:

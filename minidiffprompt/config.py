@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -264,6 +265,9 @@ class PromptConfig:
         """Refuse settings the prompted GLIP cannot serve, before any work: a ValueError naming the fix."""
         if self.method not in METHODS:
             raise ValueError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.tag and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.tag):
+            raise ValueError(f"--tag {self.tag!r}: a plain name (letters, digits, '.', '_', '-'), as it names the "
+                             "run folder prompts/<method>-<tag> inside --out")
         if self.method in ("full", "zeroshot"):
             return
         visual = self.method == "vpt" or (self.method == "diffprompt" and self.visual)

@@ -114,6 +114,9 @@ def test_the_synthetic_set_is_not_written_over_a_users_folder(tmp_path):
     (["train-vae", "--image_size", "0"], "--image_size: must be at least 1, got 0"),
     (["evaluate", "--iou_threshold", "2"], "--iou_threshold: must lie in [0, 1], got 2.0"),
     (["evaluate", "--iou_threshold", "0"], "--iou_threshold: must be > 0, got 0.0"),
+    (["evaluate", "--splits", ""], "--splits is empty"),
+    (["train-prompts", "--tag", "../../x"], "--tag '../../x': a plain name"),
+    (["train-prompts", "--tag", "a/b"], "--tag 'a/b': a plain name"),
 ])
 def test_bad_settings_stop_with_one_line_before_any_work(tmp_path, args, message):
     from minidiffprompt.__main__ import main
@@ -329,3 +332,20 @@ def test_a_diverged_vae_or_dit_stops_before_anything_is_saved(tmp_path, monkeypa
     with pytest.raises(FloatingPointError, match="train-vae: the loss is"):
         train_vae.main(preset, data, tmp_path / "run")
     assert not (tmp_path / "run" / "vae" / "model.safetensors").exists()
+
+
+def test_an_empty_out_a_missing_ship_folder_and_ctrl_c_are_one_line_errors(tmp_path, monkeypatch):
+    from minidiffprompt import __main__ as cli
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="--out is empty"):
+        cli.main(["train-vae", "--out", ""])
+    with pytest.raises(SystemExit, match="holds no finished run"):
+        cli.main(["ship", str(tmp_path / "nowhere"), "tiny_x"])
+    assert not any(tmp_path.iterdir())                       # nothing written in the current folder
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("minidiffprompt.train_vae.main", interrupted)
+    with pytest.raises(SystemExit, match="interrupted; the same command resumes"):
+        cli.main(["train-vae", "--out", str(tmp_path / "run"), "--data", str(tmp_path)])
+
