@@ -63,7 +63,7 @@ def parse_overrides(rest: list[str]) -> dict[str, str]:
 
 def ship_main(argv: list[str]):
     """`python -m minidiffprompt ship RUN/STAGE NAME [--extra FILE.json]`: copy a finished run into the package."""
-    from .pretrain.shipped import ship
+    from .utils.shipped import ship
     parser = argparse.ArgumentParser(prog="python -m minidiffprompt ship", description=ship.__doc__)
     parser.add_argument("run", type=Path, help="a finished stage folder, e.g. runs/tiny/glip")
     parser.add_argument("name", help="the shipped name, e.g. tiny_glip")

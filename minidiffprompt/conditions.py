@@ -10,15 +10,23 @@ authors' `pre_caption` (text.clean_caption).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import re
 import zlib
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .data.text import clean_caption
+from .data.datasets import glip_normalize
+from .data.text import clean_caption, load_tokenizer
+from .glip.model import load_glip_checkpoint
+from .utils.checkpoint import load_strict, read_state_dict
+from .utils.shipped import resolve_weights
 
 
 class ConditionEncoder(nn.Module):
@@ -158,21 +166,86 @@ class TinyConditionEncoder(ConditionEncoder):
 # Tiny, learned: the CLIP-like towers of train_clip.py
 
 
+@dataclasses.dataclass
+class TinyCLIPConfig:
+    vocab_size: int = 125
+    dim: int = 128            # joint embedding width (a DiT reading it needs cond_dim = hidden_size = dim)
+    map_size: int = 16        # the DiT's latent grid
+    map_channels: int = 8
+    width: int = 64
+    text_layers: int = 2
+    text_heads: int = 2
+    max_len: int = 32
+
+
+class TinyCLIP(nn.Module):
+    def __init__(self, cfg: TinyCLIPConfig):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.image = nn.Sequential(
+            nn.Conv2d(3, w // 2, 3, 2, 1), nn.GELU(), nn.Conv2d(w // 2, w, 3, 2, 1), nn.GELU(),
+            nn.Conv2d(w, w, 3, 1, 1), nn.GELU())
+        self.to_map = nn.Conv2d(w, cfg.map_channels, 1)
+        self.image_proj = nn.Linear(2 * w, cfg.dim)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, w)
+        self.positions = nn.Parameter(torch.randn(cfg.max_len, w) * 0.02)
+        layer = nn.TransformerEncoderLayer(w, cfg.text_heads, 4 * w, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.text = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
+        self.text_proj = nn.Linear(w, cfg.dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_image(self, images01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(global embedding (B, dim), map (B, map_channels, s, s)) of RGB images in [0, 1]."""
+        s = self.cfg.map_size
+        x = F.interpolate(images01, size=(4 * s, 4 * s), mode="bilinear", align_corners=False, antialias=True)
+        h = self.image(x * 2 - 1)                                               # (B, w, s, s)
+        pooled = torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)
+        return self.image_proj(pooled), self.to_map(h)
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, dim) from token ids and attention mask (B, T)."""
+        h = self.token_embedding(ids) + self.positions[: ids.shape[1]]
+        h = self.text(h, src_key_padding_mask=~mask.bool())
+        m = mask[..., None].to(h.dtype)
+        return self.text_proj((h * m).sum(1) / m.sum(1).clamp(min=1))
+
+    def loss(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        """CLIP's symmetric InfoNCE: the i-th image and i-th text are the positive pair."""
+        logits = F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T * self.logit_scale.exp().clamp(max=100)
+        labels = torch.arange(len(img), device=img.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def tokenize(tok, captions: list[str], max_len: int):
+    enc = tok([clean_caption(c) for c in captions], padding="longest", truncation=True, max_length=max_len,
+              return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def load_tiny_clip(folder: Path) -> tuple[TinyCLIP, object]:
+    """(model, tokenizer) of a `train-clip` folder, loaded strictly, in eval mode."""
+    folder = Path(folder)
+    cfg = TinyCLIPConfig(**json.loads((folder / "config.json").read_text())["arch"])
+    model = TinyCLIP(cfg)
+    load_strict(model, read_state_dict(folder / "model.safetensors"), source=str(folder / "model.safetensors"))
+    return model.eval().requires_grad_(False), load_tokenizer(folder / "vocab.txt")
+
+
+
 class LearnedConditionEncoder(ConditionEncoder):
-    """The tiny CLIP (`train_clip.TinyCLIP`, trained contrastively like CLIP): its projected caption embedding,
+    """The tiny CLIP (`TinyCLIP`, trained contrastively like CLIP by pretrain/train_clip.py): its projected caption embedding,
     L2-normalised and scaled to norm `scale` (CLIP-sized, like the other encoders), and its image embedding, or with
     `image_map` its (B, map_channels, s, s) feature map, layer-normalised per image."""
 
     def __init__(self, folder, image_map: bool = False, scale: float = 10.0):
         super().__init__()
-        from .pretrain.shipped import resolve_weights
-        from .pretrain.train_clip import load_tiny_clip
         self.model, self.tokenizer = load_tiny_clip(resolve_weights(folder))
         self.dim, self.image_map, self.scale = self.model.cfg.dim, image_map, scale
 
     @torch.no_grad()
     def encode(self, images01, captions):
-        from .pretrain.train_clip import tokenize
         device = self.model.logit_scale.device
         img, fmap = self.model.encode_image(images01.to(device, torch.float32))
         ids, mask = tokenize(self.tokenizer, captions, self.model.cfg.max_len)
@@ -190,33 +263,16 @@ class BackboneConditionEncoder(TinyConditionEncoder):
 
     def __init__(self, folder, dim: int = 64, max_words: int = 16, stage: int = 1):
         super().__init__(dim=dim, max_words=max_words, tokens=True)
-        from .glip.model import load_glip_checkpoint
-        from .pretrain.shipped import resolve_weights
         self.swin = load_glip_checkpoint(resolve_weights(folder)).backbone.body.requires_grad_(False).eval()
         self.stage = stage
         self.map_channels = self.swin.num_features[stage]
 
     @torch.no_grad()
     def encode(self, images01, captions):
-        from .data.datasets import glip_normalize
         images01 = images01.to(self.image_proj.device, torch.float32)
         fmap = self.swin(glip_normalize(images01), stages=self.stage + 1)[-1]     # (B, C, h, w)
         _, txt = super().encode(images01, captions)
         return F.layer_norm(fmap.transpose(1, -1), (fmap.shape[1],)).transpose(1, -1), txt
-
-
-def map_channels(cfg) -> int:
-    """Channels of the image map a DiT with `image_map` reads: RGB (tiny) or the tiny CLIP's feature map."""
-    if not cfg.image_map:
-        return 0
-    import json
-    from .pretrain.shipped import resolve_weights
-    if cfg.condition == "tiny_clip":
-        return json.loads((resolve_weights(cfg.clip_path) / "config.json").read_text())["arch"]["map_channels"]
-    if cfg.condition == "glip":
-        glip = json.loads((resolve_weights(cfg.clip_path) / "config.json").read_text())["glip"]
-        return glip["embed_dim"] * 2                                   # the Swin's C3 map
-    return 3
 
 
 def build_condition_encoder(cfg) -> ConditionEncoder:

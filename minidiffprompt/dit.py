@@ -20,6 +20,7 @@ caption's word vectors join the patch tokens in the sequence, and the caption ha
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from einops import rearrange
 from torch import nn
 
 from .utils.checkpoint import CheckpointMismatch, load_strict, read_state_dict
+from .utils.shipped import resolve_weights
 
 
 def modulate(x, shift, scale):
@@ -312,9 +314,21 @@ def DiT_My_2(**kwargs):
 DiT_models = {"DiT-My/2": DiT_My_2}
 
 
+def map_channels(cfg) -> int:
+    """Channels of the image map a DiT with `image_map` reads: RGB (tiny), the tiny CLIP's feature map or the tiny
+    GLIP's Swin C3 map, read from the condition encoder's config.json."""
+    if not cfg.image_map:
+        return 0
+    if cfg.condition == "tiny_clip":
+        return json.loads((resolve_weights(cfg.clip_path) / "config.json").read_text())["arch"]["map_channels"]
+    if cfg.condition == "glip":
+        glip = json.loads((resolve_weights(cfg.clip_path) / "config.json").read_text())["glip"]
+        return glip["embed_dim"] * 2                                   # the Swin's C3 map
+    return 3
+
+
 def dit_arch(cfg) -> dict:
     """The DiT constructor arguments of a `config.DiTConfig` (paper or tiny preset)."""
-    from .conditions import map_channels
     arch = dict(input_size=cfg.input_size, patch_size=cfg.patch_size, in_channels=4, hidden_size=cfg.hidden_size,
                 depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, learn_sigma=cfg.learn_sigma,
                 cond_dim=cfg.cond_dim, image_channels=map_channels(cfg), caption_tokens=cfg.caption_tokens)

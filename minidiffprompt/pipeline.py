@@ -8,7 +8,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-from . import train_dit
 from .config import METHODS, Preset, PromptConfig
 from .glip.swin import block_grids
 from .prompting import DiffPromptGenerator, LearnablePrompts, freeze
@@ -26,7 +25,7 @@ def run_config(preset: Preset, cfg: PromptConfig, data=None, out=None) -> dict:
               "mask_size": preset.data.mask_size, "preset": preset.name}
     generated = cfg.method == "diffprompt" and cfg.generated and not cfg.oracle_masks
     if cfg.method == "diffprompt" and cfg.generated:
-        config["dit"] = train_dit.run_config(preset)["dit"]   # the one stage 2 itself records
+        config["dit"] = dataclasses.asdict(preset.dit)          # as stage 2 records it (train_dit.run_config)
     if data is not None:
         config["data"] = fingerprint(data)
         config["upstream"] = {
@@ -42,7 +41,7 @@ PARTS = {"glip": "GLIP checkpoint", "vae": "Mask-VAE", "dit": "DiT"}
 def stage_path(cfg: PromptConfig, out: Path, stage: str) -> Path:
     """Where a frozen part ("glip", "vae" or "dit") comes from: `--<stage>_weights` (tiny: the shipped ones,
     "shipped:NAME"; paper: the official files), or with "" the run folder's own RUN/<stage>."""
-    from .pretrain.shipped import resolve_weights
+    from .utils.shipped import resolve_weights
     given = getattr(cfg, f"{stage}_weights")
     path = resolve_weights(given) if given else Path(out) / stage
     if not path.exists():

@@ -220,7 +220,7 @@ def run_config(preset: Preset, data=None, out=None) -> dict:
     config = {"image_size": preset.data.image_size, "mask_size": preset.data.mask_size,
               "dit": dataclasses.asdict(preset.dit)}
     if data is not None:
-        from .pretrain.shipped import resolve_weights
+        from .utils.shipped import resolve_weights
         clip = preset.dit.clip_path if preset.dit.condition in ("clip", "tiny_clip", "glip") else ""
         config["data"] = fingerprint(data)
         if preset.dit.extra_scenes:

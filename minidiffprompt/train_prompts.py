@@ -34,7 +34,7 @@ from .utils.distributed import (all_reduce_mean, all_reduce_sum, barrier, cleanu
 from .pipeline import build_prompter, load_glip, method_dir, run_config, trainable_parameters
 from .pipeline import load_trainable_state, trainable_state
 from .prompting import freeze
-from .pretrain.train_glip import inclusive_boxes
+from .glip.atss import inclusive_boxes
 from .utils.runtime import autocast, loader_kwargs, progress, seed_everything
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -43,7 +43,7 @@ from .utils.runtime import autocast, loader_kwargs, progress, seed_everything
 
 def grounding_targets(batch: dict) -> list[dict]:
     """GLIP targets: the referred box and its phrase spans, one box per expression, in GLIP's training convention
-    (x2 = x + w − 1 in original pixels, clamped, each axis scaled by its own factor: `train_glip.inclusive_boxes`)."""
+    (x2 = x + w − 1 in original pixels, clamped, each axis scaled by its own factor: `glip.atss.inclusive_boxes`)."""
     size = batch["image"].shape[-1]
     return [{"boxes": inclusive_boxes(box[None], (size / float(wh[0]), size / float(wh[1])), size), "spans": [spans]}
             for box, spans, wh in zip(batch["box"], batch["spans"], batch["size"])]

@@ -175,7 +175,7 @@ def test_glip_pretraining_gives_the_heads_token_side_its_own_step(token_lr_mult)
     or with the head's predictors when token_lr_mult < 0; the frozen language backbone in none."""
     import dataclasses
     from minidiffprompt.glip.model import GLIP
-    from minidiffprompt.pretrain.shipped import shipped
+    from minidiffprompt.utils.shipped import shipped
     from minidiffprompt.pretrain.train_glip import param_groups
     g = dataclasses.replace(get_preset("tiny").glip, text_weights="", text_lr_mult=0.0, token_lr_mult=token_lr_mult)
     model = GLIP(g, vocab_file=shipped("tiny_glip") / "vocab.txt")
@@ -256,7 +256,8 @@ def test_the_colour_probe_reads_colour_from_pixels_and_not_from_a_blind_network(
 
 
 def test_random_flips_move_boxes_with_the_pixels():
-    from minidiffprompt.pretrain.train_glip import inclusive_boxes, random_flips
+    from minidiffprompt.glip.atss import inclusive_boxes
+    from minidiffprompt.pretrain.train_glip import random_flips
     S, px = 32, 0.5                                        # an original image of 64 px shown at 32
     img = torch.zeros(1, 3, S, S)
     img[0, :, 4:10, 20:30] = 1.0                           # rows 4..9, columns 20..29

@@ -161,10 +161,10 @@ def test_learned_encoder_recipe_and_its_features(tmp_path):
 def test_backbone_encoder_reads_the_frozen_glip_swin():
     """condition glip: the image map is the C3 map of the given GLIP's Swin, layer-normalised at every position; the
     caption is the hand-built encoder's word tokens; nothing trains."""
-    from minidiffprompt.conditions import map_channels
+    from minidiffprompt.dit import map_channels
     from minidiffprompt.data.datasets import glip_normalize
     from minidiffprompt.glip.model import load_glip_checkpoint
-    from minidiffprompt.pretrain.shipped import resolve_weights
+    from minidiffprompt.utils.shipped import resolve_weights
     cfg = dataclasses.replace(DiTConfig.tiny(), condition="glip", clip_path="shipped:tiny_glip", image_map=True)
     enc = build_condition_encoder(cfg)
     images, caps = torch.rand(2, 3, 96, 96), ["the red circle", "the big square"]

@@ -19,8 +19,8 @@ from minidiffprompt.glip.atss import atss_targets, centerness_target, grounding_
 from minidiffprompt.config import get_preset
 from minidiffprompt.data.datasets import scale_box
 from minidiffprompt.glip.model import GLIP
-from minidiffprompt.pretrain.shipped import shipped
-from minidiffprompt.pretrain.train_glip import inclusive_boxes
+from minidiffprompt.utils.shipped import shipped
+from minidiffprompt.glip.atss import inclusive_boxes
 
 S = 96
 INF = 100000000   # the official code's -INF marker for "no GT"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minidiffprompt.utils.checkpoint import CheckpointMismatch
-from minidiffprompt.pretrain.shipped import ROOT, resolve_weights, shipped, verify
+from minidiffprompt.utils.shipped import ROOT, resolve_weights, shipped, verify
 
 NAMES = sorted(p.name for p in ROOT.iterdir() if p.is_dir())
 
@@ -59,7 +59,7 @@ def test_shipped_weights_load_strictly():
     load_mask_vae(shipped("tiny_vae"))                                 # strict, architecture from its config.json
     load_dit(shipped("tiny_dit"), **dit_arch(get_preset("tiny").dit))  # strict
     if "tiny_clip" in NAMES:
-        from minidiffprompt.pretrain.train_clip import load_tiny_clip
+        from minidiffprompt.conditions import load_tiny_clip
         load_tiny_clip(shipped("tiny_clip"))
 
 

@@ -136,7 +136,7 @@ def test_trained_text_prompts_change_the_token_features_and_the_scores(tmp_path)
     from minidiffprompt.data.datasets import RefExpDataset, collate
     from minidiffprompt.glip.model import load_glip_checkpoint
     from minidiffprompt.prompting import LearnablePrompts, freeze
-    from minidiffprompt.pretrain.shipped import shipped
+    from minidiffprompt.utils.shipped import shipped
     from minidiffprompt.data.synthetic import ensure_synthetic
     torch.manual_seed(0)
     data = ensure_synthetic(tmp_path / "synth", images=30, log=lambda *a: None)
@@ -170,7 +170,7 @@ def test_accumulated_micro_batches_give_the_whole_batchs_gradient():
     batch's. Full fine-tuning of a random tiny GLIP on non-square originals; dropout off so both runs see the same
     network."""
     from minidiffprompt.config import get_preset
-    from minidiffprompt.pretrain.shipped import shipped
+    from minidiffprompt.utils.shipped import shipped
     from minidiffprompt.train_prompts import chunks, step_normalizers
     torch.manual_seed(0)
     glip = GLIP(get_preset("tiny").glip, vocab_file=shipped("tiny_glip") / "vocab.txt").eval()

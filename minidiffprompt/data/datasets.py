@@ -84,7 +84,7 @@ def scale_box(bbox_xywh, width: int, height: int, size: int) -> torch.Tensor:
 
     GLIP mixes conventions: training targets use x2 = x + w - 1 (`ConvertCocoPolysToMask` in GLIP's
     maskrcnn_benchmark/data/datasets/modulated_coco.py), its RefCOCO evaluator x2 = x + w (`RefExpEvaluator` in
-    .../datasets/refexp.py). This box serves evaluation as it is; `train_glip.inclusive_boxes` turns it into the
+    .../datasets/refexp.py). This box serves evaluation as it is; `glip.atss.inclusive_boxes` turns it into the
     training convention."""
     x, y, w, h = (float(v) for v in bbox_xywh)
     sx, sy = size / float(width), size / float(height)

@@ -148,3 +148,17 @@ def grounding_losses(out: dict, anchors: list[torch.Tensor], gt_boxes: list[torc
     else:
         loss_reg, loss_ctr = deltas.sum(), ctr_logit.sum()
     return {"loss_token": loss_token, "loss_reg": loss_reg * reg_weight, "loss_centerness": loss_ctr}
+
+
+def inclusive_boxes(boxes: torch.Tensor, pixel: tuple[float, float], size: int) -> torch.Tensor:
+    """Continuous xyxy boxes in the S×S frame (x2 = x + w) → the boxes GLIP trains on.
+
+    GLIP's dataset (`maskrcnn_benchmark/data/datasets/modulated_coco.py`) makes x2 = x + w − 1, y2 = y + h − 1 in
+    the original image, clamps every coordinate to [0, W − 1] × [0, H − 1] (`BoxList.clip_to_image`), then scales
+    each axis by its own factor (`BoxList.resize`). With one original pixel `pixel` = (S/W, S/H) wide and high in
+    the S frame that is x2 − S/W, y2 − S/H, clamped to [0, S − S/W] × [0, S − S/H]. (GLIP also drops boxes left
+    empty by the clamp; the data preparation already refuses boxes under one pixel.)
+    """
+    px, py = pixel
+    hi = boxes.new_tensor([size - px, size - py, size - px, size - py])
+    return torch.minimum((boxes - boxes.new_tensor([0, 0, px, py])).clamp(min=0), hi)

@@ -17,7 +17,6 @@ Output: RUN/clip/{model.safetensors, config.json, vocab.txt, metrics.json}.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import time
@@ -25,80 +24,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..utils.checkpoint import finished_run, fingerprint, write_run
 from ..config import Preset
 from ..utils.runtime import command_line, progress, seed_everything
-from ..data.text import clean_caption, load_tokenizer
-
-
-@dataclasses.dataclass
-class TinyCLIPConfig:
-    vocab_size: int = 125
-    dim: int = 128            # joint embedding width (a DiT reading it needs cond_dim = hidden_size = dim)
-    map_size: int = 16        # the DiT's latent grid
-    map_channels: int = 8
-    width: int = 64
-    text_layers: int = 2
-    text_heads: int = 2
-    max_len: int = 32
-
-
-class TinyCLIP(nn.Module):
-    def __init__(self, cfg: TinyCLIPConfig):
-        super().__init__()
-        self.cfg = cfg
-        w = cfg.width
-        self.image = nn.Sequential(
-            nn.Conv2d(3, w // 2, 3, 2, 1), nn.GELU(), nn.Conv2d(w // 2, w, 3, 2, 1), nn.GELU(),
-            nn.Conv2d(w, w, 3, 1, 1), nn.GELU())
-        self.to_map = nn.Conv2d(w, cfg.map_channels, 1)
-        self.image_proj = nn.Linear(2 * w, cfg.dim)
-        self.token_embedding = nn.Embedding(cfg.vocab_size, w)
-        self.positions = nn.Parameter(torch.randn(cfg.max_len, w) * 0.02)
-        layer = nn.TransformerEncoderLayer(w, cfg.text_heads, 4 * w, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.text = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
-        self.text_proj = nn.Linear(w, cfg.dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-
-    def encode_image(self, images01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(global embedding (B, dim), map (B, map_channels, s, s)) of RGB images in [0, 1]."""
-        s = self.cfg.map_size
-        x = F.interpolate(images01, size=(4 * s, 4 * s), mode="bilinear", align_corners=False, antialias=True)
-        h = self.image(x * 2 - 1)                                               # (B, w, s, s)
-        pooled = torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)
-        return self.image_proj(pooled), self.to_map(h)
-
-    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, dim) from token ids and attention mask (B, T)."""
-        h = self.token_embedding(ids) + self.positions[: ids.shape[1]]
-        h = self.text(h, src_key_padding_mask=~mask.bool())
-        m = mask[..., None].to(h.dtype)
-        return self.text_proj((h * m).sum(1) / m.sum(1).clamp(min=1))
-
-    def loss(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-        """CLIP's symmetric InfoNCE: the i-th image and i-th text are the positive pair."""
-        logits = F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T * self.logit_scale.exp().clamp(max=100)
-        labels = torch.arange(len(img), device=img.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
-
-def tokenize(tok, captions: list[str], max_len: int):
-    enc = tok([clean_caption(c) for c in captions], padding="longest", truncation=True, max_length=max_len,
-              return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]
-
-
-def load_tiny_clip(folder: Path) -> tuple[TinyCLIP, object]:
-    """(model, tokenizer) of a `train-clip` folder, loaded strictly, in eval mode."""
-    from ..utils.checkpoint import load_strict, read_state_dict
-    folder = Path(folder)
-    cfg = TinyCLIPConfig(**json.loads((folder / "config.json").read_text())["arch"])
-    model = TinyCLIP(cfg)
-    load_strict(model, read_state_dict(folder / "model.safetensors"), source=str(folder / "model.safetensors"))
-    return model.eval().requires_grad_(False), load_tokenizer(folder / "vocab.txt")
+from ..conditions import TinyCLIP, TinyCLIPConfig, tokenize
+from ..data.text import load_tokenizer
 
 
 def _pairs(data: Path, split: str, image_size: int):

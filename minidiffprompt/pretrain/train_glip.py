@@ -36,11 +36,12 @@ from ..utils.checkpoint import (RunMismatch, finished_run, fingerprint, load_tra
 from ..config import Preset
 from ..data.datasets import DetectionDataset, RefExpDataset, collate
 from ..utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed, is_main, rank, world_size, wrap_ddp
+from ..glip.atss import inclusive_boxes
 from ..glip.bert import load_text_weights
 from ..glip.model import GLIP, count_parameters, load_glip_checkpoint
 from ..metrics import evaluate_boxes, recall_at_k
 from ..utils.runtime import command_line, progress, seed_everything
-from .shipped import resolve_weights
+from ..utils.shipped import resolve_weights
 
 
 def class_prompt(names: list[str]) -> tuple[str, dict]:
@@ -50,20 +51,6 @@ def class_prompt(names: list[str]) -> tuple[str, dict]:
         spans[name] = [len(caption), len(caption) + len(name)]
         caption += name + ". "
     return caption.rstrip(), spans
-
-
-def inclusive_boxes(boxes: torch.Tensor, pixel: tuple[float, float], size: int) -> torch.Tensor:
-    """Continuous xyxy boxes in the S×S frame (x2 = x + w) → the boxes GLIP trains on.
-
-    GLIP's dataset (`maskrcnn_benchmark/data/datasets/modulated_coco.py`) makes x2 = x + w − 1, y2 = y + h − 1 in
-    the original image, clamps every coordinate to [0, W − 1] × [0, H − 1] (`BoxList.clip_to_image`), then scales
-    each axis by its own factor (`BoxList.resize`). With one original pixel `pixel` = (S/W, S/H) wide and high in
-    the S frame that is x2 − S/W, y2 − S/H, clamped to [0, S − S/W] × [0, S − S/H]. (GLIP also drops boxes left
-    empty by the clamp; the data preparation already refuses boxes under one pixel.)
-    """
-    px, py = pixel
-    hi = boxes.new_tensor([size - px, size - py, size - px, size - py])
-    return torch.minimum((boxes - boxes.new_tensor([0, 0, px, py])).clamp(min=0), hi)
 
 
 def load_detection(data: Path, image_size: int):

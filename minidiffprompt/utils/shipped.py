@@ -22,7 +22,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ..utils.checkpoint import CheckpointMismatch, sha256_file, write_json
+from .checkpoint import CheckpointMismatch, sha256_file, write_json
 
 ROOT = Path(__file__).parent.parent / "pretrained"
 PREFIX = "shipped:"
