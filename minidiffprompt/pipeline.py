@@ -11,7 +11,7 @@ from pathlib import Path
 from .config import METHODS, Preset, PromptConfig
 from .glip.swin import block_grids
 from .prompting import DiffPromptGenerator, LearnablePrompts, freeze
-from .utils.checkpoint import check_state, fingerprint, load_strict, read_state_dict
+from .utils.checkpoint import CheckpointMismatch, check_state, fingerprint, load_strict, read_state_dict
 
 
 def method_dir(out: Path, cfg: PromptConfig) -> Path:
@@ -107,9 +107,23 @@ def build_prompter(preset: Preset, out: Path, cfg: PromptConfig | None = None):
     raise ValueError(f"unknown --method {cfg.method!r}; choose one of {', '.join(METHODS)}")
 
 
+def check_base(preset: Preset, out: Path, folder: Path, saved: dict) -> None:
+    """A finished stage-3 run is evaluated on the GLIP it was trained on: its config.json records that GLIP's
+    fingerprint, and a run tuned on one base scores near zero on another without a word. Otherwise an error."""
+    trained_on = saved.get("config", {}).get("upstream", {}).get("glip")
+    if trained_on is None or saved["prompt"].get("method") == "full":     # full fine-tuning saved the whole GLIP
+        return
+    if json.loads(json.dumps(fingerprint(stage_path(preset.prompt, out, "glip")))) != trained_on:
+        then = saved["prompt"].get("glip_weights") or "the run folder's glip/"
+        now = preset.prompt.glip_weights or "the run folder's glip/"
+        raise CheckpointMismatch(f"{folder} was trained on another GLIP (--glip_weights {then!r} then, {now!r} now); "
+                                 "evaluate it with the GLIP it was trained on, or train it again")
+
+
 def load_trained(preset: Preset, out: Path, folder: Path):
-    """(glip, prompter) of a finished stage-3 run folder, for evaluation."""
+    """(glip, prompter) of a finished stage-3 run folder, for evaluation, on the GLIP it was trained on."""
     saved = json.loads((folder / "config.json").read_text())
+    check_base(preset, out, folder, saved)
     cfg = PromptConfig(**saved["prompt"])
     glip = load_glip(preset, out)
     prompter = build_prompter(preset, out, cfg)

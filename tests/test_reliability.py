@@ -349,3 +349,19 @@ def test_an_empty_out_a_missing_ship_folder_and_ctrl_c_are_one_line_errors(tmp_p
     with pytest.raises(SystemExit, match="interrupted; the same command resumes"):
         cli.main(["train-vae", "--out", str(tmp_path / "run"), "--data", str(tmp_path)])
 
+
+
+def test_a_run_is_evaluated_only_on_the_glip_it_was_trained_on(tmp_path):
+    """evaluate --glip_weights OTHER over runs tuned on the shipped GLIP: a one-line error, not a silent 0 %."""
+    import json
+    from minidiffprompt.config import get_preset
+    from minidiffprompt.pipeline import check_base, stage_path
+    from minidiffprompt.utils.checkpoint import CheckpointMismatch, fingerprint
+    preset = get_preset("tiny")
+    shipped_glip = json.loads(json.dumps(fingerprint(stage_path(preset.prompt, tmp_path, "glip"))))
+    saved = {"config": {"upstream": {"glip": shipped_glip}}, "prompt": {"method": "vpt", "glip_weights": "shipped:tiny_glip"}}
+    check_base(preset, tmp_path, tmp_path / "prompts" / "vpt", saved)                 # the same GLIP: fine
+    other = {**saved, "config": {"upstream": {"glip": {"model.safetensors": "0" * 16}}}}
+    with pytest.raises(CheckpointMismatch, match=r"was trained on another GLIP .*'shipped:tiny_glip' then"):
+        check_base(preset, tmp_path, tmp_path / "prompts" / "vpt", other)
+    check_base(preset, tmp_path, tmp_path, {**other, "prompt": {"method": "full"}})   # holds its own whole GLIP
