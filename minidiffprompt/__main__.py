@@ -155,17 +155,17 @@ def main(argv: list[str] | None = None):
             if args.out is None:
                 raise SystemExit("eval-base: give --out FILE.json")
             return module.main(preset, data, out, probe=args.probe)
-        if to_file:
-            return module.main(preset, data, out, resume=False, batch=args.batch, compile=args.compile or None)
         # one writer per run folder (under torchrun the ranks of one run share it: rank 0 holds the lock)
-        with run_lock(out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        locked = not to_file and os.environ.get("RANK", "0") == "0"
+        with run_lock(out) if locked else contextlib.nullcontext():
             if args.command == "bench":
                 return module.main(preset, data, out, resume=False, batch=args.batch, compile=args.compile or None)
             if args.command == "demo":
                 return module.main(preset, data, out, resume=not args.no_resume, budget=args.budget)
             return module.main(preset, data, out, resume=not args.no_resume)
     except KeyboardInterrupt:      # every stage checkpoints atomically after each epoch
-        raise SystemExit(f"{args.command}: interrupted; the same command resumes after the last finished epoch") from None
+        raise SystemExit(f"{args.command}: interrupted; the same command resumes after the last finished "
+                         "epoch") from None
     except (OSError, ValueError, FloatingPointError, CheckpointMismatch, DataError, RunLocked) as e:
         # a missing or unreadable input, a wrong file, a bad setting: one line that names it (--debug: traceback)
         if args.debug:

@@ -163,7 +163,7 @@ class TinyConditionEncoder(ConditionEncoder):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Tiny, learned: the CLIP-like towers of train_clip.py
+# Tiny, learned: the CLIP-like towers (trained contrastively by pretrain/train_clip.py)
 
 
 @dataclasses.dataclass
@@ -233,11 +233,10 @@ def load_tiny_clip(folder: Path) -> tuple[TinyCLIP, object]:
     return model.eval().requires_grad_(False), load_tokenizer(folder / "vocab.txt")
 
 
-
 class LearnedConditionEncoder(ConditionEncoder):
-    """The tiny CLIP (`TinyCLIP`, trained contrastively like CLIP by pretrain/train_clip.py): its projected caption embedding,
-    L2-normalised and scaled to norm `scale` (CLIP-sized, like the other encoders), and its image embedding, or with
-    `image_map` its (B, map_channels, s, s) feature map, layer-normalised per image."""
+    """The tiny CLIP (`TinyCLIP`, trained contrastively like CLIP): its projected caption embedding, L2-normalised
+    and scaled to norm `scale` (CLIP-sized, like the other encoders), and its image embedding, or with `image_map`
+    its (B, map_channels, s, s) feature map, layer-normalised per image."""
 
     def __init__(self, folder, image_map: bool = False, scale: float = 10.0):
         super().__init__()

@@ -353,8 +353,8 @@ class SwinTransformer(nn.Module):
         if self.absolute_pos_embed is not None:
             pos = F.interpolate(self.absolute_pos_embed, size=(H, W), mode="bicubic", align_corners=False)
             x = x + rearrange(pos, "1 c h w -> 1 (h w) c")
-        outs, g = [], 0
-        for i, stage in enumerate(self.layers[:stages]):
+        outs, g, layers = [], 0, self.layers[:stages]
+        for i, stage in enumerate(layers):
             C = self.num_features[i]
             if self.sincos:  # at every stage's input, cells counted in patch-embedding cells
                 x = x + self.sincos * sincos_table(C, H, W, scale=H0 / H).to(x)
@@ -363,7 +363,7 @@ class SwinTransformer(nn.Module):
                 g += 1
             out = getattr(self, f"norm{i}")(x)
             outs.append(rearrange(out, "b (h w) c -> b c h w", h=H, w=W))
-            if stage.downsample is not None and len(outs) < len(self.layers[:stages]):
+            if stage.downsample is not None and i + 1 < len(layers):      # not after the last stage asked for
                 x = stage.downsample(x, H, W)
                 H, W = (H + 1) // 2, (W + 1) // 2
         return outs
