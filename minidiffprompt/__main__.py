@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -23,8 +22,11 @@ from pathlib import Path
 import torch
 
 from .utils.checkpoint import CheckpointMismatch, RunLocked, run_lock
+from .utils.files import read_json
 from .config import apply_overrides, get_preset
+from .data import synthetic  # synthetic.ensure_synthetic looked up at call time: the tests patch it
 from .data.refcoco import DataError
+from .utils.shipped import ship
 
 # command -> (module with main(preset, data, out, resume), the preset sections its --key value options may set)
 COMMANDS = {
@@ -63,7 +65,6 @@ def parse_overrides(rest: list[str]) -> dict[str, str]:
 
 def ship_main(argv: list[str]):
     """`python -m minidiffprompt ship RUN/STAGE NAME [--extra FILE.json]`: copy a finished run into the package."""
-    from .utils.shipped import ship
     parser = argparse.ArgumentParser(prog="python -m minidiffprompt ship", description=ship.__doc__)
     parser.add_argument("run", type=Path, help="a finished stage folder, e.g. runs/tiny/glip")
     parser.add_argument("name", help="the shipped name, e.g. tiny_glip")
@@ -72,7 +73,7 @@ def ship_main(argv: list[str]):
     if not (args.run / "metrics.json").exists():
         raise SystemExit(f"ship: {args.run} holds no finished run (metrics.json); give a stage folder such as "
                          "runs/tiny/glip")
-    extra = json.loads(args.extra.read_text()) if args.extra else None
+    extra = read_json(args.extra) if args.extra else None
     print(ship(args.run, args.name, extra))
 
 
@@ -103,8 +104,7 @@ def data_root(data: Path, default: bool) -> Path:
     if data.exists():
         return data
     if default:
-        from .data.synthetic import ensure_synthetic
-        return ensure_synthetic(data.parent if data.name == "processed" else data)
+        return synthetic.ensure_synthetic(data.parent if data.name == "processed" else data)
     raise FileNotFoundError(f"--data {data}: no such folder; make it with `python data_prep.py "
                             "refcoco ... --out DIR` (or `python data_prep.py synthetic --out DIR`, then DIR/processed)")
 
@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None):
         # a missing or unreadable input, a wrong file, a bad setting: one line that names it (--debug: traceback)
         if args.debug:
             raise
-        raise SystemExit(f"{args.command}: {e}") from None
+        message = str(e)      # a message that starts with the command's name already says where it comes from
+        raise SystemExit(message if message.startswith(f"{args.command}:") else f"{args.command}: {message}") from None
 
 
 if __name__ == "__main__":

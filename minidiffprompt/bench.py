@@ -30,9 +30,11 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -41,13 +43,17 @@ from .glip import swin as swin_module
 from .conditions import CLIPConditionEncoder, ConditionEncoder, build_condition_encoder
 from .config import Preset
 from .diffusion import GaussianDiffusion, get_betas
-from .data.datasets import glip_normalize
+from .data.datasets import RefExpDataset, collate, glip_normalize, load_image, rasterize_mask
+from .data.text import load_tokenizer
 from .dit import dit_from_config
 from .glip.model import GLIP
 from .glip.bert import tokenize
-from .utils.checkpoint import write_json
+from .utils.files import write_json
 from .prompting import DiffPromptGenerator, freeze, seeded_noise
 from .utils.runtime import autocast, pick_device
+from .train_dit import update_ema
+from .train_prompts import grounding_targets, prompt_loss
+from .train_vae import vae_loss
 from .vae import MaskVAE
 
 # RefCOCO-length expressions (3-8 words): what the text encoders really see
@@ -264,6 +270,7 @@ class RandomCLIPEncoder(CLIPConditionEncoder):
 
     def __init__(self, tokenizer, image_size: int = 224, context_length: int = 77):
         ConditionEncoder.__init__(self)
+        # late: transformers' CLIP model code is needed only by this optional real-CLIP row
         from transformers import CLIPConfig, CLIPModel
         self.model = CLIPModel(CLIPConfig()).requires_grad_(False).eval()
         self.tokenizer, self.dim = tokenizer, self.model.config.projection_dim
@@ -286,7 +293,6 @@ def word_vocab(path: Path) -> Path:
 
 
 def build_models(preset: Preset, vocab: Path, device) -> dict:
-    from .data.text import load_tokenizer
     tokenizer = load_tokenizer(vocab)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "bert-base-uncased config not found locally; using BertConfig()"
@@ -318,7 +324,6 @@ def make_batch(preset: Preset, b: int, device, seed: int = 0) -> dict:
 
 
 def bench_vae(bench: Bench, preset: Preset, m: dict, batch: dict):
-    from .train_vae import vae_loss
     vae = copy.deepcopy(m["vae"]).train()
     opt = torch.optim.Adam(vae.parameters(), lr=preset.vae.lr)
 
@@ -338,7 +343,6 @@ def bench_vae(bench: Bench, preset: Preset, m: dict, batch: dict):
 
 
 def bench_dit(bench: Bench, preset: Preset, m: dict, batch: dict):
-    from .train_dit import update_ema
     dit, diffusion, b = m["dit"], m["diffusion"], bench.batch
     ema = copy.deepcopy(dit).requires_grad_(False)
     opt = torch.optim.AdamW(dit.parameters(), lr=preset.dit.lr, weight_decay=preset.dit.weight_decay)
@@ -484,7 +488,6 @@ def _detections_diff(a: list[dict], b: list[dict]) -> float:
 
 def bench_stage3(bench: Bench, preset: Preset, m: dict, batch: dict, prompter, latents, sampling_s: float):
     """Stage-3 step and evaluation per image; on CPU with the kept latents given and the DDIM time added."""
-    from .train_prompts import grounding_targets, prompt_loss
     glip, b, cfg, device = m["glip"], bench.batch, preset.prompt, bench.device
     full = bench.ddim_steps == cfg.ddim_steps
     params = [p for p in prompter.parameters() if p.requires_grad]
@@ -562,8 +565,6 @@ class ImageMaskFiles(Dataset):
     """Items that cost what RefExpDataset's do: decode a 640x480 JPEG, resize, rasterise a polygon mask."""
 
     def __init__(self, folder: Path, n: int, image_size: int, mask_size: int):
-        import numpy as np
-        from PIL import Image
         rng = np.random.default_rng(0)
         self.paths, self.image_size, self.mask_size = [], image_size, mask_size
         for i in range(n):
@@ -577,13 +578,11 @@ class ImageMaskFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        from .data.datasets import load_image, rasterize_mask
         return {"image": load_image(self.paths[i], self.image_size),
                 "mask": rasterize_mask(self.polygon, 640, 480, self.mask_size)}
 
 
 def bench_loader(bench: Bench, preset: Preset, data, tmp: Path):
-    from .data.datasets import RefExpDataset, collate
     n, bs = 32, 8
     if data is not None and (Path(data) / "train.json").exists():
         full = RefExpDataset(data, "train", preset.data.image_size, mask_size=preset.data.mask_size)

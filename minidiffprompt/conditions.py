@@ -11,7 +11,6 @@ authors' `pre_caption` (text.clean_caption).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import zlib
@@ -26,6 +25,7 @@ from .data.datasets import glip_normalize
 from .data.text import clean_caption, load_tokenizer
 from .glip.model import load_glip_checkpoint
 from .utils.checkpoint import load_strict, read_state_dict
+from .utils.files import read_json
 from .utils.shipped import resolve_weights
 
 
@@ -227,7 +227,7 @@ def tokenize(tok, captions: list[str], max_len: int):
 def load_tiny_clip(folder: Path) -> tuple[TinyCLIP, object]:
     """(model, tokenizer) of a `train-clip` folder, loaded strictly, in eval mode."""
     folder = Path(folder)
-    cfg = TinyCLIPConfig(**json.loads((folder / "config.json").read_text())["arch"])
+    cfg = TinyCLIPConfig(**read_json(folder / "config.json")["arch"])
     model = TinyCLIP(cfg)
     load_strict(model, read_state_dict(folder / "model.safetensors"), source=str(folder / "model.safetensors"))
     return model.eval().requires_grad_(False), load_tokenizer(folder / "vocab.txt")

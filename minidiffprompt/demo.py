@@ -27,15 +27,29 @@ part in the choice.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import json
+import multiprocessing
+import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from .utils.checkpoint import write_json, write_text
+from . import evaluate, train_dit, train_prompts, train_vae
+from .utils.checkpoint import fingerprint
+from .utils.files import read_json, write_json, write_text
 from .config import Preset
-from .evaluate import LABELS, label_order
+from .data.datasets import MaskDataset, RefExpDataset, collate
+from .data.synthetic import ensure_synthetic
+from .evaluate import LABELS, label_order, sample_seeds
+from .utils.figures import plot_samples
+from .metrics import results_table_markdown
+from .pipeline import build_prompter, load_generator_parts, method_dir, stage_metrics, stage_path
+from .utils.runtime import pick_device
+from .vae import load_mask_vae
 
 DEMO_METHODS = ("vpt", "textprompt", "diffprompt")
 
@@ -55,7 +69,6 @@ LONG = {"epochs": 2, "max_steps": 0, "select_items": 300, "val_every": 250,
 
 def _data_root(data: Path) -> Path:
     """The processed synthetic set: made under data's parent when `data` is a missing `.../processed` folder."""
-    from .data.synthetic import ensure_synthetic
     data = Path(data)
     if (data / "train.json").exists():
         return data
@@ -63,7 +76,6 @@ def _data_root(data: Path) -> Path:
 
 
 def main(preset: Preset, data: Path, out: Path, resume: bool = True, budget: str = "short") -> dict:
-    from . import evaluate, train_dit, train_prompts, train_vae
     if budget not in ("short", "long"):
         raise ValueError(f"--budget {budget!r}: choose short or long")
     if preset.name != "tiny":
@@ -111,13 +123,8 @@ def check_stage(preset: Preset, root: Path, out: Path, stage: str, resume: bool 
     """A given Mask-VAE ("vae") or DiT ("dit") measured on val as its training command measured it: the VAE's
     reconstruction IoU on every val mask, the DiT's DDIM mask IoU (conditioned, shuffled conditions, shuffled
     captions) on the first `eval_items` val pairs. Kept in RUN/checks.json, reused while the files are the same."""
-    from . import train_dit, train_vae
-    from .pipeline import load_generator_parts, stage_path
-    from .utils.checkpoint import fingerprint
-    from .utils.runtime import pick_device
-    from .vae import load_mask_vae
     path, record = stage_path(preset.prompt, out, stage), out / "checks.json"
-    checks = json.loads(record.read_text()) if record.exists() else {}
+    checks = read_json(record) if record.exists() else {}
     files = json.loads(json.dumps(fingerprint(path)))
     if resume and checks.get(stage, {}).get("files") == files:
         return checks[stage]
@@ -139,7 +146,6 @@ def check_stage(preset: Preset, root: Path, out: Path, stage: str, resume: bool 
 
 def _train_one(preset: Preset, root: Path, out: Path, resume: bool, threads: int) -> float:
     """One stage-3 run in a worker process of `run_parallel`: its final val R@1."""
-    from . import train_prompts
     torch.set_num_threads(threads)
     try:
         return train_prompts.main(preset, root, out, resume)["history"][-1]["val_R@1"]
@@ -152,9 +158,6 @@ def run_parallel(presets: list[Preset], root: Path, out: Path, resume: bool) -> 
     """Independent stage-3 runs, two at a time in worker processes on a CPU with two or more cores, each on half of
     the cores (small models keep one core busier than two threads keep two), one after another otherwise. Every
     run is the same computation either way: only the wall time changes."""
-    import concurrent.futures
-    import multiprocessing
-    import os
     jobs = 2 if (os.cpu_count() or 1) >= 2 and pick_device_type(presets[0]) == "cpu" else 1
     if jobs == 1:
         return [_train_one(p, root, out, resume, torch.get_num_threads()) for p in presets]
@@ -164,16 +167,12 @@ def run_parallel(presets: list[Preset], root: Path, out: Path, resume: bool) -> 
 
 
 def pick_device_type(preset: Preset) -> str:
-    from .utils.runtime import pick_device
     return pick_device(getattr(preset, "device", "auto")).type
 
 
 def long_study(preset: Preset, root: Path, out: Path, resume: bool) -> dict:
     """Every method of LONG at every learning rate of its grid (in RUN/sweep), then the best one per method, chosen
     by R@1 on the first LONG["select_items"] val expressions, copied to RUN/prompts/<name> for the evaluation."""
-    import dataclasses
-    import shutil
-    from .pipeline import method_dir
     sweep, base, chosen = out / "sweep", preset.prompt, {}
     runs = [(name, settings, lr) for name, (settings, lrs) in LONG["methods"].items() for lr in lrs]
     presets = [dataclasses.replace(preset, prompt=dataclasses.replace(
@@ -203,14 +202,12 @@ def long_study(preset: Preset, root: Path, out: Path, resume: bool) -> dict:
 
 
 def _savefig(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # late: matplotlib is needed only for the report's figures
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
 def figure_data(root: Path, preset: Preset, path: Path) -> None:
-    from .data.datasets import RefExpDataset
-    from .utils.figures import plot_samples
     ds = RefExpDataset(root, "val", preset.data.image_size, mask_size=preset.data.mask_size)
     _savefig(plot_samples(ds, n=6, seed=0), path)
 
@@ -218,9 +215,6 @@ def figure_data(root: Path, preset: Preset, path: Path) -> None:
 @torch.no_grad()
 def figure_vae(root: Path, preset: Preset, out: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
-    from .data.datasets import MaskDataset
-    from .pipeline import stage_path
-    from .vae import load_mask_vae
     vae = load_mask_vae(stage_path(preset.prompt, out, "vae")).eval()
     ds = MaskDataset(root, "val", preset.data.mask_size)
     masks = torch.stack([ds[i]["mask"] for i in range(6)])
@@ -241,9 +235,6 @@ def figure_ddim_masks(root: Path, preset: Preset, out: Path, path: Path, n: int 
     """Per expression: the image with its box, the true mask, and the decoded DDIM latent of every prompt layer."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-    from .data.datasets import RefExpDataset, collate
-    from .evaluate import sample_seeds
-    from .pipeline import build_prompter
     gen = build_prompter(preset, out).eval()    # preset.prompt is Diff-Prompt's here; its adapters go unused
     ds = RefExpDataset(root, "val", preset.data.image_size, mask_size=preset.data.mask_size)
     batch = collate([ds[i] for i in range(n)])
@@ -268,7 +259,6 @@ def figure_ddim_masks(root: Path, preset: Preset, out: Path, path: Path, n: int 
 
 def figure_curves(preset: Preset, out: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
-    from .pipeline import stage_metrics
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for ax, stage, title in zip(axes[:2], ("vae", "dit"), ("stage 1: Mask-VAE", "stage 2: DiT (MSE + VB)")):
         history = stage_metrics(preset.prompt, out, stage).get("history", [])
@@ -281,7 +271,7 @@ def figure_curves(preset: Preset, out: Path, path: Path) -> None:
         ax.set_xlabel("epoch")
     for folder in sorted((out / "prompts").glob("*")):
         metrics = folder / "metrics.json"
-        steps = json.loads(metrics.read_text()).get("step_losses", []) if metrics.exists() else []
+        steps = read_json(metrics).get("step_losses", []) if metrics.exists() else []
         if steps:
             k = max(1, len(steps) // 20)   # moving average over ~5 % of the steps
             smooth = [sum(steps[max(0, i - k + 1):i + 1]) / len(steps[max(0, i - k + 1):i + 1])
@@ -324,7 +314,6 @@ def vs_table(table: dict) -> list[str]:
 def write_report(preset: Preset, root: Path, out: Path, results: dict, timings: dict) -> Path:
     import matplotlib
     matplotlib.use("Agg")
-    from .metrics import results_table_markdown
     figs = out / "figures"
     figs.mkdir(exist_ok=True)
     rounded = lambda d: {k: round(x, 2) for k, x in d.items()}   # noqa: E731
@@ -338,17 +327,16 @@ def write_report(preset: Preset, root: Path, out: Path, results: dict, timings: 
     figure_curves(preset, out, figs / "training_curves.png")
     figure_results(table, figs / "results.png")
     (figs / "qualitative.png").write_bytes((out / "eval" / "qualitative.png").read_bytes())
-    from .pipeline import stage_metrics
     stage = {s: stage_metrics(preset.prompt, out, s) for s in ("glip", "vae", "dit")}
-    checks = json.loads((out / "checks.json").read_text()) if (out / "checks.json").exists() else {}
+    checks = read_json(out / "checks.json") if (out / "checks.json").exists() else {}
     given = {s: getattr(preset.prompt, f"{s}_weights") for s in ("vae", "dit")}
     measured = {s: {**stage[s], **checks.get(s, {})} if given[s] else stage[s] for s in ("vae", "dit")}
     origin = {s: (f"`{given[s]}`, made by `{stage[s].get('command', '?')}`, measured in this run" if given[s]
                   else "trained in this run") for s in ("vae", "dit")}
-    prompts = {f.name: json.loads((f / "metrics.json").read_text()) for f in sorted((out / "prompts").glob("*"))
+    prompts = {f.name: read_json(f / "metrics.json") for f in sorted((out / "prompts").glob("*"))
                if (f / "metrics.json").exists()}
     first = preset.eval.splits[0]
-    sweep = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").exists() else None
+    sweep = read_json(out / "sweep.json") if (out / "sweep.json").exists() else None
     base, dp = table.get("zeroshot", {}), table.get("diffprompt", {})
     gain = {s: dp[s]["R@1"] - base[s]["R@1"] for s in dp if s in base}
     hit = "GIoU" if preset.eval.use_giou else "IoU"

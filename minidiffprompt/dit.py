@@ -20,7 +20,6 @@ caption's word vectors join the patch tokens in the sequence, and the caption ha
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from einops import rearrange
 from torch import nn
 
 from .utils.checkpoint import CheckpointMismatch, load_strict, read_state_dict
+from .utils.files import read_json
 from .utils.shipped import resolve_weights
 
 
@@ -320,9 +320,9 @@ def map_channels(cfg) -> int:
     if not cfg.image_map:
         return 0
     if cfg.condition == "tiny_clip":
-        return json.loads((resolve_weights(cfg.clip_path) / "config.json").read_text())["arch"]["map_channels"]
+        return read_json(resolve_weights(cfg.clip_path) / "config.json")["arch"]["map_channels"]
     if cfg.condition == "glip":
-        glip = json.loads((resolve_weights(cfg.clip_path) / "config.json").read_text())["glip"]
+        glip = read_json(resolve_weights(cfg.clip_path) / "config.json")["glip"]
         return glip["embed_dim"] * 2                                   # the Swin's C3 map
     return 3
 

@@ -12,21 +12,28 @@ between runs unless the RNG is seeded). Each split also gets R@1 by expression k
 extreme / relation on the synthetic set, "all" on real data) and, for every method, its R@1 minus zero-shot's on
 the same expressions with the paired standard error (`vs_zeroshot`); Diff-Prompt's also minus every other
 method's (`vs_vpt`, `vs_textprompt`, `vs_full`, `vs_oracle`, ...: `vs_<run folder name>`). Output: RUN/eval/results.{json,md} and
-RUN/eval/qualitative.png.
+RUN/eval/qualitative.png; on data other than the methods were trained on (`--data`), RUN/eval-NAME/ instead.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
+from torchvision.ops import box_iou
 
-from .utils.checkpoint import fingerprint, write_json, write_text
+from .utils.checkpoint import fingerprint
+from .utils.files import read_json, write_json, write_text
 from .config import Preset
-from .metrics import evaluate_boxes, results_table_markdown, write_results
+from .data.datasets import RefExpDataset, collate
+from .data.synthetic import expression_kind
+from .metrics import _hits, evaluate_boxes, results_table_markdown, write_results
+from .pipeline import load_glip, load_trained, stage_path
+from .prompting import freeze
 from .utils.runtime import autocast, pick_device, progress
 
 SEED_STRIDE = 1_000_003  # sample seed = eval seed * stride + dataset index: distinct for every (seed, index)
@@ -40,7 +47,6 @@ def sample_seeds(indices, seed: int) -> list[int]:
 def predict(glip, prompter, dataset, preset: Preset, device, batch_size: int | None = None,
             desc: str = "") -> list[dict]:
     """GLIP's ranked boxes for every item: [{"boxes": (K,4) S-frame xyxy, "scores": (K,)}] in dataset order."""
-    from .data.datasets import collate
     device = torch.device(device)
     # its own generator: iterating a DataLoader draws a seed, which must not come from the global generator that
     # Diff-Prompt's training noise comes from (a val check would change the run it checks)
@@ -82,7 +88,6 @@ def score_predictions(preds: list[dict], preset: Preset) -> dict:
 
 def item_hits(preds: list[dict], preset: Preset) -> torch.Tensor:
     """(N,) float: 1 where the top box is a hit (original pixels), the per-expression R@1."""
-    from .metrics import _hits
     boxes = [to_original(p["boxes"], p["size"], preset.data.image_size) for p in preds]
     gt = torch.stack([p["gt"] for p in preds]) if preds else torch.zeros(0, 4)
     return _hits(boxes, gt, 1, preset.eval.iou_threshold, preset.eval.use_giou).float()
@@ -90,7 +95,6 @@ def item_hits(preds: list[dict], preset: Preset) -> torch.Tensor:
 
 def expression_kinds(dataset, synthetic: bool) -> list[str]:
     """Per item of a (Subset of a) RefExpDataset: its expression kind on the synthetic set, "all" on real data."""
-    from .data.synthetic import expression_kind
     base, indices = (dataset.dataset, list(dataset.indices)) if isinstance(dataset, Subset) else \
         (dataset, range(len(dataset)))
     captions = [base.records[base.items[i][0]]["sentences"][base.items[i][1]]["sent"] for i in indices]
@@ -130,7 +134,6 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 def split_dataset(data: Path, split: str, preset: Preset, max_items: int = 0, masks: bool = False):
     """The split's expressions (the first `max_items`); with `masks`, each item carries its object's true mask."""
-    from .data.datasets import RefExpDataset
     dataset = RefExpDataset(data, split, preset.data.image_size, mask_size=preset.data.mask_size if masks else None)
     if max_items and max_items < len(dataset):
         dataset = Subset(dataset, range(max_items))
@@ -145,6 +148,23 @@ def evaluate_split(glip, prompter, data: Path, split: str, preset: Preset, devic
 
 
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def eval_folder(out: Path, data: Path, trained_on: list) -> Path:
+    """RUN/eval for the data the run's methods were trained on (their config.json records its fingerprint); for
+    other data RUN/eval-NAME, NAME the data folder's, so that an evaluation elsewhere never replaces the run's own
+    results. Without trained methods, RUN/eval holds whichever data it was first evaluated on."""
+    own = Path(out) / "eval"
+    here = json.loads(json.dumps(fingerprint(data)))
+    if not trained_on and (own / "zeroshot.json").exists():
+        trained_on = [read_json(own / "zeroshot.json").get("stamp", {}).get("data")]
+    if not trained_on or here in trained_on:
+        return own
+    name = (data.parent if data.name == "processed" else data).resolve().name
+    other = Path(out) / f"eval-{name}"
+    print(f"[evaluate] {data} is not the data the methods in {out} were trained on: results go to {other}",
+          flush=True)
+    return other
 
 
 def trained_methods(out: Path) -> list[Path]:
@@ -172,12 +192,10 @@ def qualitative_figure(samples: dict, dataset, indices: list[int], preset: Prese
     """A grid: one column per expression `indices[j]`, one row per method with its top box (`samples[method][j]`),
     green where it hits the referred object (IoU ≥ the evaluation threshold), red where it misses; the ground-truth
     box dashed. Given `masks` (n, M, M), a first row shows the DiT's generated mask for each expression in white."""
-    import textwrap
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-    from torchvision.ops import box_iou
     rows = (["mask"] if masks is not None else []) + list(samples)
     n = len(indices)
     fig, axes = plt.subplots(len(rows), n, figsize=(1.8 * n + 1.6, 1.8 * len(rows) + 0.9), squeeze=False)
@@ -217,18 +235,17 @@ def qualitative_figure(samples: dict, dataset, indices: list[int], preset: Prese
 
 def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     """Evaluate zero-shot GLIP and every finished method in RUN/prompts; returns {method: {split: metrics}}."""
-    from .pipeline import load_glip, load_trained, stage_path
-    from .prompting import freeze
     device = pick_device(getattr(preset, "device", "auto"))
     ev = preset.eval
-    eval_dir = Path(out) / "eval"
+    runs = [("zeroshot", None)] + [(p.name, p) for p in trained_methods(out) if p.name != "zeroshot"]
+    configs = {name: read_json(folder / "config.json") for name, folder in runs[1:]}
+    eval_dir = eval_folder(out, data, [c["config"].get("data") for c in configs.values()])
     eval_dir.mkdir(parents=True, exist_ok=True)
     settings = {"eval": dataclasses.asdict(ev), "image_size": preset.data.image_size, "amp": preset.prompt.amp,
                 "glip": preset.prompt.glip_weights,
                 "glip_files": fingerprint(stage_path(preset.prompt, out, "glip")),
                 "data": fingerprint(data), "format": 4}
-    runs = [("zeroshot", None)] + [(p.name, p) for p in trained_methods(out) if p.name != "zeroshot"]
-    oracle = any(json.loads((p / "config.json").read_text())["prompt"].get("oracle_masks") for _, p in runs[1:])
+    oracle = any(c["prompt"].get("oracle_masks") for c in configs.values())
     datasets = {s: split_dataset(data, s, preset, ev.max_items, masks=oracle) for s in ev.splits}
     kinds = {s: expression_kinds(d, synthetic=preset.name == "tiny") for s, d in datasets.items()}
     # the figure: the first six expressions of the first split that pick their object by position (synthetic set)
@@ -237,12 +254,12 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
     results, samples, hits = {}, {}, {}
     for name, folder in runs:
         cache = eval_dir / f"{name}.json"
-        stamp = {**settings, "run": json.loads((folder / "config.json").read_text()) if folder else None,
+        stamp = {**settings, "run": configs.get(name),
                  "weights_mtime": (folder / "model.safetensors").stat().st_mtime
                  if folder and (folder / "model.safetensors").exists() else None}
         stamp = json.loads(json.dumps(stamp))      # tuples → lists: compares equal to the stored one
-        if resume and cache.exists() and json.loads(cache.read_text()).get("stamp") == stamp:
-            cached = json.loads(cache.read_text())
+        cached = read_json(cache) if resume and cache.exists() else {}
+        if cached.get("stamp") == stamp:
             results[name] = cached["results"]
             hits[name] = {s: torch.tensor(h, dtype=torch.float) for s, h in cached["hits"].items()}
             samples[name] = [{"boxes": torch.tensor(b).reshape(-1, 4)} for b in cached["samples"]]
@@ -282,7 +299,6 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
         _, prompter = load_trained(preset, out, Path(out) / "prompts" / "diffprompt")
         if getattr(prompter, "needs_masks", False):
             prompter.to(device)
-            from .data.datasets import collate
             batch = collate([datasets[first][i] for i in shown])
             masks = prompter.sample_masks(batch["image"].to(device), batch["caption"],
                                           sample_seeds(batch["index"], ev.seed))[0, :, 0].float().cpu()

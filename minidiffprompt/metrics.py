@@ -14,7 +14,7 @@ import torch
 from torchvision.ops import box_iou as _box_iou
 from torchvision.ops import generalized_box_iou
 
-from .utils.checkpoint import write_json, write_text
+from .utils.files import write_json, write_text
 
 METRICS = ("R@1", "R@5", "UB")
 

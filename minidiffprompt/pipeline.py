@@ -12,6 +12,7 @@ from .config import METHODS, Preset, PromptConfig
 from .glip.swin import block_grids
 from .prompting import DiffPromptGenerator, LearnablePrompts, freeze
 from .utils.checkpoint import CheckpointMismatch, check_state, fingerprint, load_strict, read_state_dict
+from .utils.files import read_json
 
 
 def method_dir(out: Path, cfg: PromptConfig) -> Path:
@@ -53,7 +54,7 @@ def stage_path(cfg: PromptConfig, out: Path, stage: str) -> Path:
 def stage_metrics(cfg: PromptConfig, out: Path, stage: str) -> dict:
     """A frozen part's recorded metrics.json ({} for a checkpoint file such as the official ones)."""
     path = stage_path(cfg, out, stage) / "metrics.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(path) if path.exists() else {}
 
 
 def load_glip(preset: Preset, out: Path):
@@ -73,8 +74,9 @@ def load_generator_parts(preset: Preset, out: Path):
     dit_path = stage_path(cfg, out, "dit")
     d = preset.dit
     dit = load_dit(dit_path, **dit_arch(d))
+    check_latents(vae, dit, preset.data.mask_size, stage_path(cfg, out, "vae"))
     recorded = dit_path / "config.json"      # a `train-dit` folder records its recipe; the authors' files do not
-    trained = (json.loads(recorded.read_text()).get("train", {}).get("dit", {}).get("prediction", "eps")
+    trained = (read_json(recorded).get("train", {}).get("dit", {}).get("prediction", "eps")
                if recorded.exists() else None)
     if trained and trained != d.prediction:
         raise SystemExit(f"{dit_path}: this DiT was trained with {trained}-prediction but the preset samples with "
@@ -85,6 +87,16 @@ def load_generator_parts(preset: Preset, out: Path):
     diffusion = GaussianDiffusion(get_betas(schedule, d.diffusion_steps), d.prediction)
     condition = build_condition_encoder(d)
     return vae, dit, diffusion, condition
+
+
+def check_latents(vae, dit, mask_size: int, source) -> None:
+    """The Mask-VAE must turn mask_size² masks into latents of the DiT's shape (a paper-size Mask-VAE given to the
+    tiny preset does not): a ValueError naming both shapes."""
+    latents = (vae.config["latent_channels"], vae.latent_side(mask_size))
+    if latents != (dit.in_channels, dit.input_size):
+        raise ValueError(f"{source}: this Mask-VAE turns {mask_size}² masks into {latents[0]}×{latents[1]}² latents, but "
+                         f"the DiT works on {dit.in_channels}×{dit.input_size}²; give the Mask-VAE of this preset "
+                         "(--vae_weights), or the --mask_size / --input_size the two were made for")
 
 
 def build_prompter(preset: Preset, out: Path, cfg: PromptConfig | None = None):
@@ -122,7 +134,7 @@ def check_base(preset: Preset, out: Path, folder: Path, saved: dict) -> None:
 
 def load_trained(preset: Preset, out: Path, folder: Path):
     """(glip, prompter) of a finished stage-3 run folder, for evaluation, on the GLIP it was trained on."""
-    saved = json.loads((folder / "config.json").read_text())
+    saved = read_json(folder / "config.json")
     check_base(preset, out, folder, saved)
     cfg = PromptConfig(**saved["prompt"])
     glip = load_glip(preset, out)

@@ -27,14 +27,19 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from .utils.checkpoint import (fingerprint, load_training, match_run, restore_training, save_training, save_weights,
-                               write_json)
+                               stored_run)
+from .utils.files import write_json
 from .conditions import ConditionEncoder, build_condition_encoder
 from .config import DiTConfig, Preset
+from .data.datasets import RefExpDataset, collate
+from .data.synthetic import expression_kind, extra_scenes
 from .diffusion import GaussianDiffusion, ddim_timesteps, get_betas
 from .utils.distributed import (all_reduce_mean, barrier, cleanup, distributed_loader, init_distributed, is_main, rank,
                                 set_epoch, world_size, wrap_ddp)
 from .dit import DiT, dit_arch, dit_from_config, guided, load_dit
+from .evaluate import by_kind
 from .utils.runtime import check_finite, progress, seed_everything
+from .utils.shipped import resolve_weights
 from .vae import MaskVAE, load_mask_vae
 
 EVAL_SEED = 0      # DDIM start noise of the generation evaluation: the reported IoU is repeatable
@@ -80,7 +85,6 @@ def encode_split(root, split: str, preset: Preset, vae: MaskVAE, encoder: Condit
     """Every (object, expression) of a split run once through the frozen encoders:
     {"mean", "std": (N, 4, h, w), "image_features", "text_features": (N, D) or with caption_tokens (N, L, D),
     "mask": (N, 1, M, M), "caption"}."""
-    from .data.datasets import RefExpDataset, collate
     dataset = RefExpDataset(root, split, preset.data.image_size, mask_size=preset.data.mask_size)
     if len(dataset) == 0:
         raise SystemExit(f"{root}: the {split!r} split has no expressions; run data_prep.py first")
@@ -101,7 +105,7 @@ def encode_split(root, split: str, preset: Preset, vae: MaskVAE, encoder: Condit
 
 
 def _check_latent_size(vae: MaskVAE, preset: Preset):
-    side = preset.data.mask_size // vae.downsample_factor
+    side = vae.latent_side(preset.data.mask_size)
     if side != preset.dit.input_size:
         raise SystemExit(f"train-dit: the VAE turns {preset.data.mask_size}² masks into {side}² latents but the "
                          f"DiT expects input_size {preset.dit.input_size}; set --input_size {side}")
@@ -173,7 +177,6 @@ def evaluate_generation(dit: DiT, vae: MaskVAE, diffusion: GaussianDiffusion, en
     the mask from pure noise, before sampling commits to one outcome. `hit50` is the share of items (percent) whose
     conditioned mask overlaps the true one at IoU ≥ 0.5, the mask's own R@1, by expression kind (`kinds`, one per
     item; without them all items count as "all"): what the mask path can tell the detector, next to the base's R@1."""
-    from .evaluate import by_kind
     n = len(encoded["mask"])
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
     order = torch.empty_like(perm)
@@ -203,7 +206,6 @@ def generation_metrics(dit: DiT, vae: MaskVAE, diffusion: GaussianDiffusion, enc
     """`evaluate_generation` with the recipe's sampler (DDIM steps, guidance), under the names metrics.json records:
     val_iou, val_iou_shuffled, val_iou_caption_shuffled, val_hit50 (by expression kind on the synthetic set),
     val_iou_first_step, val_items."""
-    from .data.synthetic import expression_kind
     kinds = [expression_kind(c) for c in encoded["caption"]] if synthetic else None
     gen = evaluate_generation(dit, vae, diffusion, encoded, num_steps=cfg.ddim_steps, guidance=cfg.guidance,
                               kinds=kinds)
@@ -220,11 +222,9 @@ def run_config(preset: Preset, data=None, out=None) -> dict:
     config = {"image_size": preset.data.image_size, "mask_size": preset.data.mask_size,
               "dit": dataclasses.asdict(preset.dit)}
     if data is not None:
-        from .utils.shipped import resolve_weights
         clip = preset.dit.clip_path if preset.dit.condition in ("clip", "tiny_clip", "glip") else ""
         config["data"] = fingerprint(data)
         if preset.dit.extra_scenes:
-            from .data.synthetic import extra_scenes
             config["extra_data"] = fingerprint(extra_scenes(data, preset.dit.extra_scenes, log=lambda *a: None))
         config["upstream"] = {"vae": fingerprint(Path(out) / "vae"),
                               "condition": fingerprint(resolve_weights(clip)) if clip else None}
@@ -266,7 +266,6 @@ def _batches(train: dict | None, data, preset: Preset, vae, encoder, device, gen
             eps = torch.randn(mean.shape, generator=generator)
             yield (mean + std * eps).to(device), img.to(device), txt.to(device)   # x0 ~ q(z | mask), fresh each step
         return
-    from .data.datasets import RefExpDataset, collate
     dataset = RefExpDataset(data, "train", preset.data.image_size, mask_size=preset.data.mask_size)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator, drop_last=True,
                         collate_fn=collate, num_workers=preset.data.num_workers)
@@ -295,11 +294,10 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
     load_stage1_vae(out)                     # fails early, before the data and extra scenes are fingerprinted
     stage = Path(out) / "dit"
     wanted = run_config(preset, data, out)
-    final = [stage / n for n in ("model.safetensors", "config.json", "metrics.json")]
-    if resume and all(p.exists() for p in final):
-        stored = json.loads((stage / "config.json").read_text()).get("train", {})
+    if resume and (run := stored_run(stage)) is not None:
+        stored = run[0].get("train", {})
         if match_run(stored, wanted, stage, "dit", stored.get("dit", {}).get("epochs")) == "same":
-            return json.loads((stage / "metrics.json").read_text())       # "extend": continue from the checkpoint
+            return run[1]                                                 # "extend": continue from the checkpoint
 
     device = init_distributed(getattr(preset, "device", "auto"))   # one process per GPU under torchrun
     vae = load_stage1_vae(out, device)
@@ -328,7 +326,6 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
     t0 = time.perf_counter()
     train = encode_split(data, "train", preset, vae, encoder, device) if cfg.cache_latents else None
     if cfg.extra_scenes:          # more train scenes from a second synthetic set (its val and test splits unused)
-        from .data.synthetic import extra_scenes
         more = encode_split(extra_scenes(data, cfg.extra_scenes), "train", preset, vae, encoder, device)
         train = {k: train[k] + more[k] if k == "caption" else torch.cat([train[k], more[k]]) for k in train}
     if train is not None:

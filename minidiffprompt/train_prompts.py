@@ -20,22 +20,24 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from .utils.checkpoint import load_training, match_run, save_training, save_weights, write_json
+from . import evaluate  # evaluate.evaluate_split looked up at call time: the tests wrap it
+from .utils.checkpoint import load_training, match_run, save_training, save_weights, stored_run
+from .utils.files import write_json
 from .config import Preset
+from .data.datasets import RefExpDataset, collate
 from .utils.distributed import (all_reduce_mean, all_reduce_sum, barrier, cleanup, distributed_loader,
                                 init_distributed, is_main, rank, set_epoch, world_size, wrap_ddp)
 from .pipeline import build_prompter, load_glip, method_dir, run_config, trainable_parameters
 from .pipeline import load_trainable_state, trainable_state
 from .prompting import freeze
 from .glip.atss import inclusive_boxes
-from .utils.runtime import autocast, loader_kwargs, progress, seed_everything
+from .utils.runtime import autocast, check_finite, loader_kwargs, progress, seed_everything
 
 # ----------------------------------------------------------------------------------------------------------------
 # One training step
@@ -86,16 +88,16 @@ def prompt_loss(glip, prompter, batch: dict, device, normalizers=None) -> tuple[
 
 
 def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
-    from .data.datasets import RefExpDataset, collate
-    from .evaluate import evaluate_split
     cfg = preset.prompt
     cfg.check(preset.glip)
     device = init_distributed(getattr(preset, "device", "auto"))   # one process per GPU under torchrun
     folder = method_dir(out, cfg)
     config = run_config(preset, cfg, data, out)
-    if resume and (folder / "metrics.json").exists() and (folder / "config.json").exists():
-        match_run(json.loads((folder / "config.json").read_text()).get("config", {}), config, folder)
-        return json.loads((folder / "metrics.json").read_text())
+    if resume and (run := stored_run(folder, ("config.json", "metrics.json"))) is not None:
+        match_run(run[0].get("config", {}), config, folder)
+        return run[1]
+    if cfg.val_items:      # the val split the learning curve reads must be there before any training
+        evaluate.split_dataset(data, "val", preset, max_items=1)
     folder.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
 
@@ -113,7 +115,7 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
 
     def validate() -> float:
         """R@1 on the first `val_items` val expressions, then back to training mode."""
-        r1 = evaluate_split(glip, prompter, data, "val", preset, device, max_items=cfg.val_items)["R@1"]
+        r1 = evaluate.evaluate_split(glip, prompter, data, "val", preset, device, max_items=cfg.val_items)["R@1"]
         if prompter is not None:
             prompter.train()
         if cfg.method == "full":
@@ -166,9 +168,8 @@ def main(preset: Preset, data: Path, out: Path, resume: bool = True) -> dict:
                     value = float(loss.detach())
                     running, count, accumulated = running + value, count + 1, accumulated + value
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                if not torch.isfinite(norm):   # a diverged run: stop before NaN weights reach the next forward pass
-                    raise FloatingPointError(f"train-prompts: the gradient is not finite at step {len(step_losses) + 1} "
-                                             f"(loss {accumulated / len(group):.4g}); lower --lr (now {cfg.lr:g})")
+                # a diverged run stops before NaN weights reach the next forward pass
+                check_finite(norm, "train-prompts", len(step_losses) + 1, cfg.lr, "the gradient norm")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step_losses.append(all_reduce_mean(accumulated / len(group)).item())

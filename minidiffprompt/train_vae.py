@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from .utils.checkpoint import (fingerprint, load_training, match_run, restore_training, save_training, save_weights,
-                               write_json)
+                               stored_run)
+from .utils.files import write_json
 from .config import Preset, VAEConfig
 from .utils.distributed import (all_reduce_mean, barrier, cleanup, distributed_loader, init_distributed, is_main, rank,
                                 set_epoch, world_size, wrap_ddp)
@@ -135,15 +136,15 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
     """Train (or resume, or reuse) the Mask-VAE of `preset` on `data`; returns the final metrics."""
     cfg, stage = preset.vae, Path(out) / "vae"
     wanted = run_config(preset, data)
-    final = [stage / n for n in ("model.safetensors", "config.json", "metrics.json")]
-    if resume and all(p.exists() for p in final):
-        stored = json.loads((stage / "config.json").read_text()).get("train", {})
+    if resume and (run := stored_run(stage)) is not None:
+        stored = run[0].get("train", {})
         if match_run(stored, wanted, stage, "vae", stored.get("vae", {}).get("epochs")) == "same":
-            return json.loads((stage / "metrics.json").read_text())       # "extend": continue from the checkpoint
+            return run[1]                                                 # "extend": continue from the checkpoint
 
     device = init_distributed(getattr(preset, "device", "auto"))   # one process per GPU under torchrun
     generator = seed_everything(cfg.seed)                             # the same initial weights on every rank
     vae = build_vae(cfg).to(device)
+    vae.latent_side(preset.data.mask_size)          # a mask size its blocks cannot halve evenly: an error now
     optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_gamma)
     model = wrap_ddp(vae, device)              # forward/backward through `model` (DDP under torchrun); save `vae`

@@ -20,7 +20,6 @@ out), and their stage 3 (`GLIP/maskrcnn_benchmark/modeling/detector/generalized_
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from einops import rearrange
 from torch import nn
 
 from .utils.checkpoint import CheckpointMismatch, load_strict, read_state_dict
+from .utils.files import read_json
 
 # ----------------------------------------------------------------------------------------------------------------
 # Building blocks (diffusers `ResnetBlock2D`, `Downsample2D`, `Upsample2D`, `Attention` as configured here)
@@ -246,6 +246,14 @@ class MaskVAE(nn.Module):
         """Mask side / latent side: 8 for four blocks (224 → 28, 64 → 8)."""
         return 2 ** (len(self.config["block_out_channels"]) - 1)
 
+    def latent_side(self, mask_size: int) -> int:
+        """The latent side of mask_size² masks; a ValueError when such a mask does not halve evenly in every block."""
+        f = self.downsample_factor
+        if mask_size % f:
+            raise ValueError(f"--mask_size {mask_size}: this Mask-VAE halves a mask {f.bit_length() - 1} times, so the "
+                             f"size must be a multiple of {f} (e.g. {max(f, f * round(mask_size / f))})")
+        return mask_size // f
+
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """(B, 1, M, M) masks in [0, 1] → posterior over (B, latent, M/f, M/f)."""
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
@@ -302,7 +310,7 @@ def load_mask_vae(path, **arch) -> MaskVAE:
     """
     path = Path(path)
     if path.is_dir() and (path / "config.json").exists():
-        arch = {**arch_from_config(json.loads((path / "config.json").read_text()), path / "config.json"), **arch}
+        arch = {**arch_from_config(read_json(path / "config.json"), path / "config.json"), **arch}
     state = read_state_dict(path)
     if "state_dict" in state and isinstance(state["state_dict"], dict):   # a Lightning checkpoint
         state = state["state_dict"]

@@ -135,7 +135,7 @@ def test_bad_records_are_counted_and_fail_loudly(tmp_path):
     summary = convert_refcoco(refer, imgs, out, max_bad_fraction=1.0, **quiet)
     assert summary["bad"] == {"missing_image": 1, "corrupt_image": 1, "rle_segmentation": 1, "degenerate_box": 1,
                               "empty_polygons": 1, "malformed": 1}
-    assert not (out / "old.txt").exists() and (out / "vocab.txt").exists()  # swapped in whole
+    assert (out / "old.txt").read_text() == "previous output" and (out / "vocab.txt").exists()  # not ours: kept
     train = json.loads((out / "train.json").read_text())
     (rec,) = train["records"]
     assert rec["image"] == "images/COCO_train2014_000000000001.jpg" and rec["category"] == "person"

@@ -1,6 +1,8 @@
-"""Bad output folders lose nothing: `data_prep.py` refuses to write where it could destroy its inputs or a user's
-files, replaces only what it wrote itself, cleans up after a killed run, and never reuses a synthetic set made with
-other settings. Every case checks that the input folders and unrelated files are byte-for-byte untouched."""
+"""Misuse gives the right result or a one-line error that names the fix, and loses nothing: `data_prep.py` refuses
+to write where it could destroy its inputs or a user's files, replaces only what it wrote itself and completes a
+killed run; bad settings, damaged inputs and damaged runs stop before any work with the file or option named; a run
+is reused only on the same data, images and upstream weights; non-finite values stop a stage. Where files are at
+stake, the case checks that the inputs and unrelated files are byte-for-byte untouched."""
 import hashlib
 import subprocess
 import sys
@@ -51,18 +53,34 @@ def test_a_folder_with_a_users_files_is_not_replaced(raw, tmp_path):
     assert tree(out) == {"notes.txt": hashlib.sha256(b"keep me").hexdigest()}
 
 
-def test_its_own_output_is_replaced_and_a_killed_runs_staging_folder_cleaned(raw, tmp_path):
+def test_its_own_output_is_replaced_and_a_killed_runs_folder_completed(raw, tmp_path, monkeypatch):
+    import json
+    from minidiffprompt.data import refcoco
     out = tmp_path / "processed"
     convert(raw, out)
-    assert (out / MARKER).exists()
-    dead = tmp_path / ".processed.partial-999999999"             # left by a run killed while staging
-    dead.mkdir()
-    (dead / "train.json").write_text("{}")
+    assert refcoco.is_complete(out) and json.loads((out / MARKER).read_text())["files"] == sorted(refcoco.OUTPUTS)
+    (out / "notes.txt").write_text("mine")
+    written, write_text = [], refcoco.write_text
+
+    def killed_after_two(path, text):                           # the marker-to-be and train.json, then killed
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(path.name)
+        write_text(path, text)
+    monkeypatch.setattr(refcoco, "write_text", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        convert(raw, out)
+    monkeypatch.undo()
+    assert written == [refcoco.PENDING, "train.json"]
+    assert not (out / MARKER).exists() and not refcoco.is_complete(out)   # a half-written folder is not a data root
+    (out / ".val.json.999999999-0a1b2c3d.tmp").write_text("{cut")   # a temp file of a run killed mid-write
     neighbour = tmp_path / "other.txt"
     neighbour.write_text("unrelated")
     before = tree(raw)
-    convert(raw, out)                                           # replaces its own folder
-    assert (out / "train.json").exists() and not dead.exists()
+    convert(raw, out)                                           # completes it: the partial marker keeps it ours
+    assert refcoco.is_complete(out) and not (out / refcoco.PENDING).exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted([*refcoco.OUTPUTS, MARKER, "notes.txt"])
+    assert (out / "notes.txt").read_text() == "mine"
     assert tree(raw) == before and neighbour.read_text() == "unrelated"
 
 
@@ -160,13 +178,13 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_taken_over(tmp_path)
 
 
 def test_temporary_files_have_unique_names_and_do_not_linger(tmp_path):
-    from minidiffprompt.utils.checkpoint import _replace_atomically, write_json
+    from minidiffprompt.utils.files import replace_atomically, write_json
     names = []
-    _replace_atomically(lambda tmp: names.append(tmp) or tmp.write_text("a"), tmp_path / "x.json")
-    _replace_atomically(lambda tmp: names.append(tmp) or tmp.write_text("b"), tmp_path / "x.json")
+    replace_atomically(lambda tmp: names.append(tmp) or tmp.write_text("a"), tmp_path / "x.json")
+    replace_atomically(lambda tmp: names.append(tmp) or tmp.write_text("b"), tmp_path / "x.json")
     assert names[0] != names[1] and (tmp_path / "x.json").read_text() == "b"
     with pytest.raises(ZeroDivisionError):                      # a failed write leaves the old file and no temp file
-        _replace_atomically(lambda tmp: tmp.write_text("c") and 1 / 0, tmp_path / "x.json")
+        replace_atomically(lambda tmp: tmp.write_text("c") and 1 / 0, tmp_path / "x.json")
     write_json(tmp_path / "y.json", {"k": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "y.json"]
     assert (tmp_path / "x.json").read_text() == "b"
@@ -365,3 +383,280 @@ def test_a_run_is_evaluated_only_on_the_glip_it_was_trained_on(tmp_path):
     with pytest.raises(CheckpointMismatch, match=r"was trained on another GLIP .*'shipped:tiny_glip' then"):
         check_base(preset, tmp_path, tmp_path / "prompts" / "vpt", other)
     check_base(preset, tmp_path, tmp_path, {**other, "prompt": {"method": "full"}})   # holds its own whole GLIP
+
+
+def test_a_users_files_inside_a_converted_folder_survive_a_rerun(raw, tmp_path):
+    """Re-running the conversion into its data root replaces its own files in place, never the folder: a training
+    run or notes stored there survive."""
+    out = tmp_path / "processed"
+    convert(raw, out)
+    (out / "runs" / "x").mkdir(parents=True)
+    (out / "runs" / "x" / "model.safetensors").write_bytes(b"weights")
+    (out / "notes.txt").write_text("mine")
+    mine = {k: v for k, v in tree(out).items() if k in ("notes.txt", "runs/x/model.safetensors")}
+    (out / "train.json").write_text("{}")                       # its own file, changed: rewritten
+    convert(raw, out)
+    assert {k: tree(out)[k] for k in mine} == mine
+    assert len((out / "train.json").read_text()) > 2
+
+
+def test_a_users_files_inside_a_synthetic_set_survive_force(tmp_path):
+    """`synthetic --force` overwrites the set's files by name and drops only the images a larger set made before."""
+    d = tmp_path / "synth"
+    ensure_synthetic(d, seed=1, images=14, size=64, **quiet)
+    (d / "processed" / "runs" / "x").mkdir(parents=True)
+    (d / "processed" / "runs" / "x" / "model.safetensors").write_bytes(b"weights")
+    (d / "train2014" / "mine.jpg").write_bytes(b"a photo")
+    (d / "refcoco" / "notes.txt").write_text("mine")
+    mine = {k: v for k, v in tree(d).items() if k.endswith(("model.safetensors", "mine.jpg", "notes.txt"))}
+    assert len(mine) == 3
+    ensure_synthetic(d, seed=1, images=12, size=64, force=True, **quiet)
+    assert {k: tree(d)[k] for k in mine} == mine
+    images = sorted(p.name for p in (d / "train2014").iterdir())
+    assert images == sorted(["mine.jpg", *(f"COCO_train2014_{100000 + i:012d}.jpg" for i in range(12))])
+
+
+def test_a_regeneration_killed_midway_is_redone_not_reused(tmp_path, monkeypatch):
+    from minidiffprompt.data import synthetic
+    d = tmp_path / "synth"
+    ensure_synthetic(d, seed=1, images=12, size=64, **quiet)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(synthetic, "convert_refcoco", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_synthetic(d, seed=2, images=12, size=64, force=True, **quiet)
+    monkeypatch.undo()
+    ensure_synthetic(d, seed=1, images=12, size=64, **quiet)    # not the old conversion over the new raw files
+    assert (d / "synthetic.json").read_text().strip() == '{"seed": 1, "images": 12, "size": 64}'
+    again = tmp_path / "again"
+    ensure_synthetic(again, seed=1, images=12, size=64, **quiet)
+    assert tree(d / "train2014") == tree(again / "train2014")
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("a list", 'instances.json: the top level is a list, not an object; expected COCO\'s format {"images": [...], '
+               '"annotations": [...], "categories": [...]}'),
+    ("images null", 'instances.json: "images" is null, not a list'),
+    ("no categories", 'instances.json: "categories" is missing'),
+    ("a nameless category", 'instances.json: categories[0] needs an integer "id" and a string "name", got {"id": 1'),
+    ("a string category id", 'instances.json: categories[0] needs an integer "id"'),
+])
+def test_a_malformed_instances_json_is_one_error_naming_the_problem(raw, tmp_path, fault, message):
+    import json
+    path = raw / "refcoco" / "instances.json"
+    d = json.loads(path.read_text())
+    if fault == "a list":
+        d = d["images"]
+    elif fault == "images null":
+        d["images"] = None
+    elif fault == "no categories":
+        del d["categories"]
+    elif fault == "a nameless category":
+        del d["categories"][0]["name"]
+    else:
+        d["categories"][0]["id"] = "1"
+    path.write_text(json.dumps(d))
+    before = tree(raw)
+    with pytest.raises(DataError) as e:
+        convert(raw, tmp_path / "out")
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert tree(raw) == before and not (tmp_path / "out").exists()
+
+
+def test_bad_annotations_are_dropped_with_their_own_reason(raw, tmp_path):
+    """A polygon wholly outside its image and a category id written as a string are bad records, counted."""
+    import json
+    path = raw / "refcoco" / "instances.json"
+    d = json.loads(path.read_text())
+    refs = __import__("pickle").loads((raw / "refcoco" / "refs(unc).p").read_bytes())
+    by_id = {a["id"]: a for a in d["annotations"]}
+    outside, string_cat = by_id[refs[0]["ann_id"]], by_id[refs[-1]["ann_id"]]          # two referred objects
+    outside["segmentation"] = [[v + 1000 for v in p] for p in outside["segmentation"]]   # its box stays inside
+    string_cat["category_id"] = str(string_cat["category_id"])
+    path.write_text(json.dumps(d))
+    expect = {r: sum(ref["ann_id"] == a["id"] for ref in refs) for r, a in
+              (("polygon_outside_image", outside), ("unknown_category", string_cat))}
+    with pytest.raises(DataError, match="refs are bad"):       # the default 1 % is exceeded: nothing written
+        convert(raw, tmp_path / "out")
+    summary = convert_refcoco(raw / "refcoco", raw / "train2014", tmp_path / "out",
+                              mdetr_dir=raw / "mdetr_annotations", max_bad_fraction=0.5, **quiet)
+    assert summary["bad"] == expect
+    det = json.loads((tmp_path / "out" / "detection.json").read_text())
+    assert all(o["polygons"][0][0] < 1000 for im in det["images"] for o in im["objects"])
+
+
+@pytest.mark.parametrize("command, message", [
+    (["refcoco", "--max-bad-fraction", "nan"], "error: --max-bad-fraction nan: must be a fraction in [0, 1]"),
+    (["refcoco", "--max-bad-fraction", "-0.1"], "error: --max-bad-fraction -0.1: must be a fraction in [0, 1]"),
+    (["refcoco", "--max-bad-fraction", "1.5"], "error: --max-bad-fraction 1.5: must be a fraction in [0, 1]"),
+    (["refcoco", "--mdetr-dir", "{raw}/mdetr_anotations"],
+     "error: --mdetr-dir {raw}/mdetr_anotations is not a folder; give the folder with MDETR's "
+     "finetune_refcoco_train.json"),
+    (["refcoco", "--mdetr-dir", "{raw}/refcoco"],
+     "error: --mdetr-dir {raw}/refcoco holds no finetune_refcoco_*.json; give the folder with MDETR's"),
+    (["refcoco", "empty refs"], "error: {raw}/refcoco/refs(unc).p: holds no refs (an empty list)"),
+    (["synthetic", "--images", "0"], "error: --images 0: the synthetic set needs at least 1 image"),
+    (["synthetic", "--size", "0"], "error: --size 0: images must be at least 32 px a side"),
+])
+def test_data_prep_misuses_are_one_line_errors(raw, tmp_path, command, message):
+    if command[1] == "empty refs":
+        (raw / "refcoco" / "refs(unc).p").write_bytes(__import__("pickle").dumps([], protocol=2))
+        command = command[:1]
+    if command[0] == "refcoco":
+        command = [*command, "--refer-dir", str(raw / "refcoco"), "--coco-images", str(raw / "train2014")]
+    before = tree(raw)
+    r = subprocess.run([sys.executable, "data_prep.py", *(a.format(raw=raw) for a in command),
+                        "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith(message.format(raw=raw)), r.stderr
+    assert tree(raw) == before and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs and their inputs: what a run depends on is checked, damaged files are named, non-finite values stop a stage
+
+
+def small_root(tmp_path, split_text: dict | None = None):
+    """A data root of the synthetic set (30 images), copied so that a test may damage it."""
+    from minidiffprompt.data.synthetic import ensure_synthetic
+    root = ensure_synthetic(tmp_path / "synth", images=30, **quiet)
+    for name, text in (split_text or {}).items():
+        (root / name).write_text(text)
+    return root
+
+
+def test_a_changed_image_changes_the_run_identity_and_the_eval_cache(tmp_path):
+    """The fingerprint of a data root covers the names, sizes and times of the images its split files name, so a
+    finished run or an evaluation cache made on other images is not reused."""
+    import os
+    from minidiffprompt.utils.checkpoint import fingerprint
+    root = small_root(tmp_path)
+    first = fingerprint(root)
+    assert set(first) >= {"train.json", "val.json", "images"}
+    image = sorted((root.parent / "train2014").glob("*.jpg"))[3]
+    st = image.stat()
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))          # the same bytes, touched
+    assert fingerprint(root)["images"] != first["images"]
+    assert {k: v for k, v in fingerprint(root).items() if k != "images"} == \
+        {k: v for k, v in first.items() if k != "images"}
+
+
+def test_evaluating_on_other_data_never_replaces_the_runs_results(tmp_path):
+    """RUN/eval belongs to the data the run's methods were trained on; other data gets RUN/eval-NAME."""
+    import json
+    from minidiffprompt.evaluate import eval_folder
+    from minidiffprompt.utils.checkpoint import fingerprint
+    root = small_root(tmp_path)
+    other = tmp_path / "other" / "processed"
+    other.mkdir(parents=True)
+    for name in ("train.json", "val.json"):
+        (other / name).write_text((root / name).read_text().replace('"sent": "', '"sent": "the '))
+    out = tmp_path / "run"
+    trained_on = [json.loads(json.dumps(fingerprint(root)))]
+    assert eval_folder(out, root, trained_on) == out / "eval"
+    assert eval_folder(out, other, trained_on) == out / "eval-other"
+    assert eval_folder(out, other, []) == out / "eval"                        # nothing there yet: RUN/eval
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[1, 2]', 'not a split file of data_prep.py'),
+    ('{"records": null}', 'not a split file of data_prep.py'),
+    ('{"records": []}', 'the val split holds no records'),
+    ('{"records": [{"image": "x.jpg"}]}', 'record 0 is not a record of data_prep.py'),
+    ('{"records": [', 'not valid JSON'),
+])
+def test_split_files_of_the_wrong_shape_are_data_errors_naming_the_file(tmp_path, text, message):
+    """Including an empty val split, which `--val_items` reads: refused before training, not scored 0.0."""
+    import dataclasses
+    from minidiffprompt import train_prompts
+    from minidiffprompt.config import get_preset
+    from minidiffprompt.data.datasets import RefExpDataset
+    root = small_root(tmp_path, {"val.json": text})
+    with pytest.raises(DataError, match=f"val.json: .*{message}"):
+        RefExpDataset(root, "val", 32)
+    preset = get_preset("tiny")
+    preset.prompt = dataclasses.replace(preset.prompt, method="vpt", val_items=10)
+    with pytest.raises(DataError, match=message):
+        train_prompts.main(preset, root, tmp_path / "run")
+    assert not (tmp_path / "run" / "prompts" / "vpt" / "checkpoint.pt").exists()
+
+
+def test_unreadable_and_oversized_images_are_data_errors_naming_the_file(tmp_path, monkeypatch):
+    """A cut-short image, and one past PIL's decompression-bomb limit (whether PIL warns or refuses), name the file
+    instead of a bare decoder message or a machine brought down by a huge decode."""
+    import numpy as np
+    from PIL import Image
+    from minidiffprompt.data.datasets import load_image
+    path = tmp_path / "a.jpg"
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(path)
+    assert load_image(path, 32).shape == (3, 32, 32)
+    for limit in (3000, 1500):              # 64² = 4096 pixels: a warning above the limit, an error above twice it
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+        with pytest.raises(DataError, match=f"{path}: cannot use this image"):
+            load_image(path, 32)
+    monkeypatch.undo()
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(DataError, match=f"{path}: cannot use this image"):
+        load_image(path, 32)
+
+
+def test_a_finished_run_with_damaged_weights_or_json_is_not_reused(tmp_path):
+    import torch
+    from minidiffprompt.utils.checkpoint import CheckpointMismatch, save_weights, stored_run, write_json
+    run = tmp_path / "vae"
+    save_weights({"w": torch.randn(1000)}, run / "model.safetensors")
+    write_json(run / "config.json", {"a": 1})
+    write_json(run / "metrics.json", {"loss": 0.5})
+    assert stored_run(run) == ({"a": 1}, {"loss": 0.5})
+    data = (run / "model.safetensors").read_bytes()
+    (run / "model.safetensors").write_bytes(data[: len(data) // 2])          # a copy cut short
+    with pytest.raises(CheckpointMismatch, match="model.safetensors: damaged weights file.*--no-resume"):
+        stored_run(run)
+    (run / "model.safetensors").write_bytes(data)
+    (run / "config.json").write_text('{"a": ')
+    with pytest.raises(ValueError, match="config.json: not valid JSON .*damaged or cut short"):
+        stored_run(run)
+
+
+def test_non_finite_weights_are_refused_and_nan_offsets_do_not_crash_the_deformable_conv():
+    """A diverged run's NaN weights are refused at load; NaN reaching the DyHead's offsets (which made torchvision's
+    kernel segfault) gives NaN out, which the training loop's check turns into a one-line error."""
+    import torch
+    from minidiffprompt.glip.dyhead import ModulatedDeformConv
+    from minidiffprompt.prompting import LearnablePrompts
+    from minidiffprompt.utils.checkpoint import CheckpointMismatch, load_strict
+    from minidiffprompt.utils.runtime import check_finite
+    prompts = LearnablePrompts(depth=2, length=4, vision_dim=8)
+    state = prompts.state_dict()
+    state["visual.1.prompt"] = state["visual.1.prompt"].clone().fill_(float("nan"))
+    with pytest.raises(CheckpointMismatch, match="NaN or infinite values \\(visual.1.prompt\\).*lower --lr"):
+        load_strict(prompts, state, source="diverged.safetensors")
+    conv = ModulatedDeformConv(4, 4)
+    x, offset, mask = torch.randn(1, 4, 8, 8), torch.zeros(1, 18, 8, 8), torch.ones(1, 9, 8, 8)
+    clean = conv(x, offset, mask)
+    offset[0, :, 2, 3] = float("nan")
+    out = conv(x, offset, mask)
+    assert out[0, :, 2, 3].isnan().all() and torch.equal(out[0, :, :2], clean[0, :, :2])
+    with pytest.raises(FloatingPointError, match="train-prompts: the gradient norm is nan at step 7.*lower --lr"):
+        check_finite(out.sum(), "train-prompts", 7, 0.1, "the gradient norm")
+
+
+def test_a_mask_vae_of_another_shape_is_refused_by_name(tmp_path):
+    """`--mask_size 63` for a VAE that halves the mask twice, and a paper-size Mask-VAE given to the tiny DiT, are
+    one-line errors naming the sizes instead of a shape error deep in a matmul."""
+    from minidiffprompt.__main__ import main
+    from minidiffprompt.config import get_preset
+    from minidiffprompt.dit import dit_from_config
+    from minidiffprompt.pipeline import check_latents
+    from minidiffprompt.train_vae import build_vae
+    from minidiffprompt.vae import MaskVAE
+    with pytest.raises(SystemExit, match="--mask_size 63: this Mask-VAE halves a mask 2 times, so the size must be "
+                                         "a multiple of 4 \\(e.g. 64\\)"):
+        main(["train-vae", "--mask_size", "63", "--out", str(tmp_path / "run")])
+    tiny = get_preset("tiny")
+    dit = dit_from_config(tiny.dit)
+    check_latents(build_vae(tiny.vae), dit, tiny.data.mask_size, "tiny_vae")
+    with pytest.raises(ValueError, match="paper_vae: this Mask-VAE turns 64² masks into 4×8² latents, but the DiT "
+                                         "works on 4×16²"):
+        check_latents(MaskVAE(), dit, tiny.data.mask_size, "paper_vae")

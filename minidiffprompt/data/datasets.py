@@ -10,7 +10,7 @@ polygons at the original size and resized bilinearly, so borders are soft, exact
 """
 from __future__ import annotations
 
-import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +18,12 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
+from ..utils.runtime import loader_kwargs
+from .refcoco import DataError, read_json
+
 GLIP_MEAN_BGR = (103.530, 116.280, 123.675)  # INPUT.PIXEL_MEAN/STD of GLIP's glip_A_Swin_T_O365.yaml, 0-255
 GLIP_STD_BGR = (57.375, 57.120, 58.395)
+RECORD_KEYS = {"image", "width", "height", "bbox", "polygons", "sentences", "ref_id", "image_id"}  # what items read
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -33,8 +37,19 @@ def load_records(root: str | Path, split: str) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `python data_prep.py synthetic --out DIR` (data root "
                                 f"DIR/processed) or `python data_prep.py refcoco ... --out {root}` first")
-    records = json.loads(path.read_text(encoding="utf-8"))["records"]
-    for r in records:
+    d = read_json(path)
+    records = d.get("records") if isinstance(d, dict) else None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: not a split file of data_prep.py (a dict whose \"records\" is a list); convert "
+                        "the data again with `python data_prep.py`")
+    if not records:
+        raise DataError(f"{path}: the {split} split holds no records; convert the data again, or leave the split "
+                        "out (evaluate: --splits; train-prompts: --val_items 0)")
+    for i, r in enumerate(records):
+        if not (isinstance(r, dict) and RECORD_KEYS <= r.keys() and isinstance(r["image"], str)
+                and isinstance(r["sentences"], list) and isinstance(r["bbox"], list) and len(r["bbox"]) == 4):
+            raise DataError(f"{path}: record {i} is not a record of data_prep.py (fields {sorted(RECORD_KEYS)}); "
+                            "convert the data again with `python data_prep.py`")
         r["image"] = str(resolve_image(root, r["image"]))
     return records
 
@@ -46,12 +61,19 @@ def resolve_image(root: str | Path, image: str) -> Path:
 
 
 def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """(3, size, size) RGB in [0, 1], PIL bilinear resize ignoring the aspect ratio (GLIP's FIX_RES `Resize`)."""
-    with Image.open(path) as im:
-        if im.mode.startswith("I;16") or (im.mode == "I" and im.getextrema()[1] > 255):
-            # 16-bit grey: scale to 8 bits (converting directly would clip nearly every pixel to white)
-            im = Image.fromarray((np.asarray(im, dtype=np.float32) * (255 / 65535)).round().astype(np.uint8))
-        im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+    """(3, size, size) RGB in [0, 1], PIL bilinear resize ignoring the aspect ratio (GLIP's FIX_RES `Resize`). An
+    unreadable, cut-short or absurdly large image (PIL's decompression-bomb limit) is a DataError naming it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.mode.startswith("I;16") or (im.mode == "I" and im.getextrema()[1] > 255):
+                    # 16-bit grey: scale to 8 bits (converting directly would clip nearly every pixel to white)
+                    im = Image.fromarray((np.asarray(im, dtype=np.float32) * (255 / 65535)).round().astype(np.uint8))
+                im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+    except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{path}: cannot use this image ({e}); replace the file, or convert the data again with "
+                        "`python data_prep.py ... --check-images full`, which drops unreadable images") from None
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
@@ -143,7 +165,10 @@ class DetectionDataset(Dataset):
 
     def __init__(self, root, image_size: int, categories: list[str] | None = None):
         root = Path(root)
-        d = json.loads((root / "detection.json").read_text(encoding="utf-8"))
+        d = read_json(root / "detection.json")
+        if not (isinstance(d, dict) and isinstance(d.get("categories"), list) and isinstance(d.get("images"), list)):
+            raise DataError(f"{root / 'detection.json'}: not a detection file of data_prep.py (a dict with lists "
+                            "\"categories\" and \"images\"); convert the data again with `python data_prep.py`")
         self.root, self.image_size = root, image_size
         self.categories = list(categories) if categories is not None else d["categories"]
         self.images = d["images"]
@@ -192,8 +217,6 @@ def collate(batch: list[dict]) -> dict:
 def make_loader(dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0, device="cpu",
                 seed: int = 0, drop_last: bool = False) -> DataLoader:
     """DataLoader with `collate`, a seeded shuffle, pinned memory on GPU and persistent workers."""
-    from ..utils.runtime import loader_kwargs
-
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, collate_fn=collate,
                       generator=torch.Generator().manual_seed(seed) if shuffle else None,
                       **loader_kwargs(num_workers, torch.device(device)))

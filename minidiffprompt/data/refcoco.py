@@ -15,10 +15,14 @@ image, caption and box (the root noun phrase, found with spaCy by `get_root_and_
 scripts/fine-tuning/refexp_coco_format.py). Without MDETR files, or for an expression MDETR lacks, **the whole
 expression is the positive span** [0, len(sent)).
 
-Bad records (malformed refs, unknown annotation or image, missing or unreadable image file, degenerate box,
-crowd/RLE segmentation, no usable polygon, no sentence) are dropped and counted; if more than
-`max_bad_fraction` of the refs are bad the conversion stops before writing anything. Output is atomic: a
-complete folder or none.
+Bad records (malformed refs, unknown annotation, category or image, missing or unreadable image file, degenerate
+box, crowd/RLE segmentation, no usable polygon, a polygon wholly outside its image, no sentence) are dropped and
+counted; if more than `max_bad_fraction` of the refs are bad the conversion stops before writing anything.
+
+Output: each file is replaced atomically in place (a reader sees the old file or the new, never half of one), and
+`made_by.json`, listing the files written, is removed first and written last: a folder is a complete data root
+only while it holds that marker (`is_complete`). Files in `--out` that the conversion did not write (a training
+run, notes) are never touched.
 """
 from __future__ import annotations
 
@@ -27,16 +31,20 @@ import json
 import math
 import os
 import pickle
-import shutil
 import unicodedata
 from collections import Counter
 from pathlib import Path
 
 from PIL import Image
 
+from ..utils import files
+
 SPLITS = ("train", "val", "testA", "testB")
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # BERT order: [PAD] = 0
 FORMAT_VERSION = 1
+OUTPUTS = (*(f"{s}.json" for s in SPLITS), "detection.json", "vocab.txt", "summary.json")   # what it writes
+MARKER = "made_by.json"   # written last into every data root this package writes: what made it, and its files
+PENDING = MARKER + ".partial"   # the marker-to-be while the files are written: marks a killed run's folder as ours
 
 
 class DataError(RuntimeError):
@@ -60,10 +68,7 @@ class _PlainUnpickler(pickle.Unpickler):
 
 def read_json(path: Path):
     """A JSON input file, or a DataError naming it and where it breaks."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e}); is the file complete?") from None
+    return files.read_json(path, DataError, "is the file complete?")
 
 
 def load_refs(path: str | Path) -> list:
@@ -88,8 +93,9 @@ def load_refs(path: str | Path) -> list:
 # Validation of single items
 
 
-def _polygons(segmentation) -> list[list[float]] | str:
-    """Usable polygons, or the reason there are none ('rle_segmentation', 'empty_polygons')."""
+def _polygons(segmentation, width, height) -> list[list[float]] | str:
+    """Usable polygons, or the reason there are none ('rle_segmentation', 'empty_polygons', 'polygon_outside_image'
+    when every polygon lies wholly outside the image: its mask would be empty)."""
     if isinstance(segmentation, dict):
         return "rle_segmentation"
     if not isinstance(segmentation, list):
@@ -99,7 +105,11 @@ def _polygons(segmentation) -> list[list[float]] | str:
         if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(
                 isinstance(v, (int, float)) and math.isfinite(v) for v in p):
             polys.append([float(v) for v in p])
-    return polys or "empty_polygons"
+    if not polys:
+        return "empty_polygons"
+    inside = [p for p in polys if min(max(p[0::2]), width) > max(min(p[0::2]), 0)
+              and min(max(p[1::2]), height) > max(min(p[1::2]), 0)]
+    return inside or "polygon_outside_image"
 
 
 def _box(bbox, width: int, height: int) -> list[float] | None:
@@ -129,19 +139,41 @@ def _check_image(path: Path, width: int, height: int, mode: str) -> str:
     return "ok" if size == (width, height) else "corrupt_image"
 
 
+def check_coco(d, path: Path, keys=("images", "annotations", "categories")):
+    """`d`, read from the COCO-format file `path`, if it has the structure the conversion reads; else a DataError
+    naming the file and the first problem (instead of a traceback, or a silently empty conversion)."""
+    if not isinstance(d, dict):
+        problem = f"the top level is a {type(d).__name__}, not an object"
+    else:
+        problem = next((f'"{k}" is missing' if k not in d else f'"{k}" is {json.dumps(d[k])[:40]}, not a list'
+                        for k in keys if not isinstance(d.get(k), list)), None)
+        if problem is None and "categories" in keys:
+            problem = next((f'categories[{i}] needs an integer "id" and a string "name", got {json.dumps(c)[:80]}'
+                            for i, c in enumerate(d["categories"]) if not (isinstance(c, dict) and type(
+                                c.get("id")) is int and isinstance(c.get("name"), str))), None)
+    if problem:
+        shape = ", ".join(f'"{k}": [...]' for k in keys)
+        raise DataError(f"{path}: {problem}; expected COCO's format {{{shape}}}; is it the right file?")
+    return d
+
+
 def _mdetr_index(mdetr_dir: Path | None) -> dict:
     """(original image id, caption) → list of (bbox, tokens_positive), from finetune_refcoco_{split}.json."""
     index = {}
     if mdetr_dir is None:
         return index
-    for split in SPLITS:
-        path = Path(mdetr_dir) / f"finetune_refcoco_{split}.json"
+    paths = [Path(mdetr_dir) / f"finetune_refcoco_{split}.json" for split in SPLITS]
+    if not any(p.is_file() for p in paths):   # a misspelt folder would silently fall back to whole expressions
+        raise DataError(f"--mdetr-dir {mdetr_dir} " + ("holds no finetune_refcoco_*.json" if Path(mdetr_dir).is_dir()
+                        else "is not a folder") + f"; give the folder with MDETR's {', '.join(p.name for p in paths)}"
+                        " (or leave --mdetr-dir out: each whole expression becomes the positive span)")
+    for path in paths:
         if not path.exists():
             continue
-        d = read_json(path)
-        anns = {a["image_id"]: a for a in d.get("annotations", [])}
-        for im in d.get("images", []):
-            a = anns.get(im.get("id"))
+        d = check_coco(read_json(path), path, keys=("images", "annotations"))
+        anns = {a.get("image_id"): a for a in d["annotations"] if isinstance(a, dict)}
+        for im in d["images"]:
+            a = anns.get(im.get("id")) if isinstance(im, dict) else None
             if a is None or "tokens_positive" not in a:
                 continue
             key = (im.get("original_img_id"), str(im.get("caption", "")).strip().lower())
@@ -200,8 +232,9 @@ def build_vocab(texts) -> list[str]:
 
 
 def is_complete(root: str | Path) -> bool:
+    """A finished conversion: the marker (written last) and every output file."""
     root = Path(root)
-    return all((root / f).exists() for f in [f"{s}.json" for s in SPLITS] + ["detection.json", "vocab.txt"])
+    return all((root / f).is_file() for f in (MARKER, *OUTPUTS))
 
 
 def _image_ref(path: Path, out: Path) -> str:
@@ -221,17 +254,23 @@ def convert_refcoco(refer_dir, coco_images, out, mdetr_dir=None, max_bad_fractio
     0.5 s to the 1,200 synthetic images, about 5 ms per COCO image), "open" (header check) or "none".
     """
     refer_dir, coco_images, out = Path(refer_dir), Path(coco_images), Path(out)
+    if not 0 <= max_bad_fraction <= 1:   # also false for nan, which would let every ref be bad
+        raise DataError(f"--max-bad-fraction {max_bad_fraction}: must be a fraction in [0, 1], e.g. 0.01 to allow "
+                        "1 % of the refs to be bad")
     for f in ("refs(unc).p", "instances.json"):
         if not (refer_dir / f).exists():
             raise DataError(f"{refer_dir / f} not found: --refer-dir must hold the refer toolkit's refs(unc).p "
                             "and instances.json (e.g. refer/data/refcoco)")
     check_output(out, [refer_dir, coco_images, mdetr_dir])
-    refs = load_refs(refer_dir / "refs(unc).p")
-    inst = read_json(refer_dir / "instances.json")
-    images = {im["id"]: im for im in inst.get("images", []) if isinstance(im, dict) and "id" in im}
-    anns = {a["id"]: a for a in inst.get("annotations", []) if isinstance(a, dict) and "id" in a}
-    cats = {c["id"]: c["name"] for c in inst.get("categories", [])}
     mdetr = _mdetr_index(Path(mdetr_dir) if mdetr_dir else None)
+    refs = load_refs(refer_dir / "refs(unc).p")
+    if not refs:
+        raise DataError(f"{refer_dir / 'refs(unc).p'}: holds no refs (an empty list); use the refer toolkit's "
+                        "refs(unc).p of RefCOCO")
+    inst = check_coco(read_json(refer_dir / "instances.json"), refer_dir / "instances.json")
+    images = {im["id"]: im for im in inst["images"] if isinstance(im, dict) and "id" in im}
+    anns = {a["id"]: a for a in inst["annotations"] if isinstance(a, dict) and "id" in a}
+    cats = {c["id"]: c["name"] for c in inst["categories"]}
 
     image_status: dict[int, str] = {}
     bad, records = Counter(), {s: [] for s in SPLITS}
@@ -252,7 +291,7 @@ def convert_refcoco(refer_dir, coco_images, out, mdetr_dir=None, max_bad_fractio
                           for s, r in records.items()}}
     if n_bad:
         log(f"dropped {n_bad} of {total} refs: " + ", ".join(f"{k} {v}" for k, v in sorted(bad.items())))
-    if total == 0 or n_bad / total > max_bad_fraction:
+    if n_bad / total > max_bad_fraction:
         raise DataError(f"{refer_dir}: {n_bad} of {total} refs are bad ({dict(bad)}), more than the allowed "
                         f"{max_bad_fraction:.1%}; check --coco-images (the train2014 folder) and the refer files, "
                         "or raise --max-bad-fraction")
@@ -268,8 +307,9 @@ def convert_refcoco(refer_dir, coco_images, out, mdetr_dir=None, max_bad_fractio
         im = images[iid]
         objects = []
         for a in sorted(by_image.get(iid, []), key=lambda a: a["id"]):
-            box, polys = _box(a.get("bbox"), im["width"], im["height"]), _polygons(a.get("segmentation"))
-            if a.get("iscrowd") or box is None or isinstance(polys, str) or a.get("category_id") not in cats:
+            box = _box(a.get("bbox"), im["width"], im["height"])
+            polys = _polygons(a.get("segmentation"), im["width"], im["height"])
+            if a.get("iscrowd") or box is None or isinstance(polys, str) or not _known(a.get("category_id"), cats):
                 continue
             attributes = [w for w in a.get("attributes", []) if isinstance(w, str)]   # synthetic set only
             objects.append({"bbox": box, "category": cats[a["category_id"]], "attributes": attributes,
@@ -279,7 +319,7 @@ def convert_refcoco(refer_dir, coco_images, out, mdetr_dir=None, max_bad_fractio
 
     texts = [s["sent"] for r in records.values() for x in r for s in x["sentences"]] + cat_names
     meta = {"format": FORMAT_VERSION, "source": str(refer_dir.name), "span_source": "mdetr" if mdetr else "whole"}
-    _write_atomic(out, {
+    _write_outputs(out, {
         **{f"{s}.json": {"meta": {**meta, "split": s, **summary["splits"][s]}, "records": records[s]}
            for s in SPLITS},
         "detection.json": {"categories": cat_names, "images": det_images},
@@ -291,6 +331,11 @@ def convert_refcoco(refer_dir, coco_images, out, mdetr_dir=None, max_bad_fractio
         log(f"{s:>6}: {summary['splits'][s]['refs']:6d} refs {summary['splits'][s]['sentences']:7d} expressions")
     log(f"positive spans: {n_sent['mdetr']} from MDETR, {n_sent['whole']} whole expression → {out}")
     return summary
+
+
+def _known(category_id, cats: dict) -> bool:
+    """An integer id of instances.json's categories (a string "1" is not COCO's format: a bad record)."""
+    return type(category_id) is int and category_id in cats
 
 
 def _convert_one(ref, images, anns, cats, coco_images, out, check_images, image_status, mdetr, n_sent):
@@ -306,6 +351,9 @@ def _convert_one(ref, images, anns, cats, coco_images, out, check_images, image_
     ann, im = anns.get(ann_id), images.get(image_id)
     if ann is None or ann.get("image_id") != image_id:
         return "unknown_annotation", None
+    category_id = ann.get("category_id")
+    if not _known(category_id, cats):
+        return "unknown_category", None
     if im is None or not isinstance(im.get("file_name"), str):
         return "unknown_image", None
     path = coco_images / im["file_name"]
@@ -315,7 +363,7 @@ def _convert_one(ref, images, anns, cats, coco_images, out, check_images, image_
         return image_status[image_id], None
     if ann.get("iscrowd"):
         return "rle_segmentation", None
-    polys = _polygons(ann.get("segmentation"))
+    polys = _polygons(ann.get("segmentation"), im["width"], im["height"])
     if isinstance(polys, str):
         return polys, None
     box = _box(ann.get("bbox"), im["width"], im["height"])
@@ -332,14 +380,10 @@ def _convert_one(ref, images, anns, cats, coco_images, out, check_images, image_
         sents.append({"sent": text, "spans": spans})
     if not sents:
         return "no_sentence", None
-    category_id = int(ref.get("category_id", ann.get("category_id", -1)))
     return None, {"ref_id": ref_id, "ann_id": ann_id, "image_id": image_id, "image": _image_ref(path, out),
                   "width": int(im["width"]), "height": int(im["height"]), "category_id": category_id,
-                  "category": cats.get(category_id, str(category_id)), "bbox": box, "polygons": polys,
+                  "category": cats[category_id], "bbox": box, "polygons": polys,
                   "sentences": sents}
-
-
-MARKER = "made_by.json"   # in every data root this package writes: what made it; only such a folder is replaced
 
 
 def _pid_alive(pid: int) -> bool:
@@ -354,7 +398,8 @@ def _pid_alive(pid: int) -> bool:
 
 def check_output(out: Path, inputs: list) -> None:
     """Refuse an output folder that could destroy data: one that is, contains or lies inside an input folder, or an
-    existing non-empty folder that this package did not write (no `made_by.json`)."""
+    existing non-empty folder that this package did not write (neither `made_by.json` nor, from a conversion killed
+    midway, `made_by.json.partial`)."""
     target = Path(out).resolve()
     for given in inputs:
         if given is None:
@@ -365,27 +410,23 @@ def check_output(out: Path, inputs: list) -> None:
                             "could overwrite the inputs. Choose a separate folder, e.g. --out data/refcoco_processed")
     if target.is_file():
         raise DataError(f"--out {out} is a file; give a folder")
-    if target.is_dir() and any(target.iterdir()) and not (target / MARKER).exists():
+    if target.is_dir() and any(target.iterdir()) and not any((target / m).exists() for m in (MARKER, PENDING)):
         raise DataError(f"--out {out} already holds files that data_prep did not write (no {MARKER}); it only "
                         "replaces its own output. Choose a new or empty folder, or remove this one yourself")
 
 
-def _write_atomic(out: Path, files: dict, made_by: dict) -> None:
-    """Write all files and the marker into a sibling staging folder, then swap it in: readers see the old folder or
-    the new. Staging folders left by a killed run (their process is gone) are removed first."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for left in [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.old-*")]:
-        pid = left.name.rsplit("-", 1)[-1]
-        if not (pid.isdigit() and _pid_alive(int(pid))):
-            shutil.rmtree(left, ignore_errors=True)
-    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    for name, content in {**files, MARKER: made_by}.items():
-        text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
-        (stage / name).write_text(text, encoding="utf-8")
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    stage.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+def _write_outputs(out: Path, outputs: dict, made_by: dict) -> None:
+    """Replace each output file atomically in place; no other file in `out` is touched. The marker goes first (as
+    `made_by.json.partial`, which keeps the folder ours for a re-run) and comes back last, so a run killed midway
+    leaves a folder that `is_complete` rejects. Temporary files a killed run left (their process is gone) go."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (*outputs, MARKER, PENDING):    # temp names of files.replace_atomically: .NAME.PID-HEX.tmp
+        for left in out.glob(f".{name}.*.tmp"):
+            pid = left.name[len(name) + 2:].split("-")[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                left.unlink(missing_ok=True)
+    files.write_text(out / PENDING, json.dumps({**made_by, "files": sorted(outputs)}, ensure_ascii=False))
+    (out / MARKER).unlink(missing_ok=True)
+    for name, content in outputs.items():
+        files.write_text(out / name, content if isinstance(content, str) else json.dumps(content, ensure_ascii=False))
+    os.replace(out / PENDING, out / MARKER)

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..utils.files import write_text
+from .refcoco import MARKER, PENDING, DataError, convert_refcoco, is_complete, read_json
 
 # COCO-like category ids; group "round" plays the role of RefCOCO's people (testA), "angular" the rest (testB)
 CATEGORIES = [(1, "circle", "round"), (2, "oval", "round"), (3, "heart", "round"), (4, "square", "angular"),
@@ -47,6 +48,7 @@ RELATIONS = {"left": ("left of", "to the left of"), "right": ("right of", "to th
 EXTREMES = {"left": ("leftmost", "on the left"), "right": ("rightmost", "on the right"),
             "above": ("top", "at the top"), "below": ("bottom", "at the bottom")}
 MARGIN = 3.0  # px: spatial statements must hold (and fail for the others) by at least this much
+MIN_SIZE = 32  # px: below it a scene no longer fits its 3 shapes apart, and small shapes shrink to a few pixels
 
 _GROUP = {name: group for _, name, group in CATEGORIES}
 _CAT_ID = {name: cid for cid, name, _ in CATEGORIES}
@@ -274,8 +276,24 @@ def _split_of_images(n: int, seed: int) -> list[str]:
     return split
 
 
+def check_settings(images: int, size: int) -> None:
+    """A one-line error for settings the generator cannot make a set with, before anything is written."""
+    if images < 1:
+        raise DataError(f"--images {images}: the synthetic set needs at least 1 image (the default is 1200)")
+    if size < MIN_SIZE:
+        raise DataError(f"--size {size}: images must be at least {MIN_SIZE} px a side for a scene's 3-6 shapes to "
+                        "fit apart (the default is 128)")
+
+
+def image_name(i: int) -> str:
+    """The file name of the set's image i: COCO's train2014 pattern, image ids from 100000."""
+    return f"COCO_train2014_{100000 + i:012d}.jpg"
+
+
 def generate(out: str | Path, seed: int = 0, images: int = 1200, size: int = 128) -> dict:
-    """Write the raw layout into `out`; returns counts. Deterministic for (seed, images, size)."""
+    """Write the raw layout into `out`, overwriting the files of a previous set by name; returns counts.
+    Deterministic for (seed, images, size)."""
+    check_settings(images, size)
     out = Path(out)
     (out / "refcoco").mkdir(parents=True, exist_ok=True)
     img_dir = out / "train2014"
@@ -290,8 +308,7 @@ def generate(out: str | Path, seed: int = 0, images: int = 1200, size: int = 128
         split = splits[i]
         group = {"testA": "round", "testB": "angular"}.get(split)
         objs = _make_objects(rng, size, group)
-        image_id = 100000 + i
-        file_name = f"COCO_train2014_{image_id:012d}.jpg"
+        image_id, file_name = 100000 + i, image_name(i)
         _render(rng, size, objs).save(img_dir / file_name, quality=92)
         coco_images.append({"id": image_id, "file_name": file_name, "width": size, "height": size,
                             "license": 0, "coco_url": "", "flickr_url": "", "date_captured": ""})
@@ -347,9 +364,7 @@ def _area(pts: np.ndarray) -> float:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj))
-    tmp.replace(path)
+    write_text(path, json.dumps(obj))
 
 
 def ensure_synthetic(dir: str | Path = "data/synthref", seed: int = 0, images: int = 1200, size: int = 128,
@@ -358,14 +373,14 @@ def ensure_synthetic(dir: str | Path = "data/synthref", seed: int = 0, images: i
 
     `dir/synthetic.json` records the settings that made the set. An existing set made with the same settings is
     reused; one made with others is an error naming them (pass force=True, `--force`, to regenerate it). A
-    folder holding other files than a synthetic set is never overwritten.
+    folder holding other files than a synthetic set is never overwritten, and a user's file inside the set's
+    folders is never removed: the generator and the conversion replace only their own files.
     """
-    from .refcoco import DataError, convert_refcoco, is_complete
-
+    check_settings(images, size)
     dir = Path(dir)
     processed, record = dir / "processed", dir / "synthetic.json"
     settings = {"seed": seed, "images": images, "size": size}
-    made = json.loads(record.read_text()) if record.exists() else None
+    made = read_json(record) if record.exists() else None
     if is_complete(processed) and not force:
         if made is not None and made != settings:
             diff = ", ".join(f"{k} {made.get(k)} (asked {v})" for k, v in settings.items() if made.get(k) != v)
@@ -377,13 +392,18 @@ def ensure_synthetic(dir: str | Path = "data/synthref", seed: int = 0, images: i
     if made is None and foreign:
         raise DataError(f"{dir} holds other files ({', '.join(foreign[:5])}); the synthetic set goes into a new or "
                         "empty folder, or one it made before")
-    for sub in ("refcoco", "train2014", "mdetr_annotations", "processed"):
-        shutil.rmtree(dir / sub, ignore_errors=True)
+    # No record and no marker until the new set is converted: a run killed while regenerating is redone, not reused
+    # (the marker becomes the conversion's partial one, which lets it write there again)
+    record.unlink(missing_ok=True)
+    if (processed / MARKER).exists():
+        (processed / MARKER).replace(processed / PENDING)
+    for i in range(images, made.get("images", 0) if isinstance(made, dict) else 0):   # a larger set's extra images
+        (dir / "train2014" / image_name(i)).unlink(missing_ok=True)
     counts = generate(dir, seed=seed, images=images, size=size)
     log(f"synthetic RefCOCO: {counts['images']} images, {counts['objects']} objects, {counts['refs']} refs, "
         f"{counts['sentences']} expressions → {dir}")
     convert_refcoco(dir / "refcoco", dir / "train2014", processed, mdetr_dir=dir / "mdetr_annotations", log=log)
-    record.write_text(json.dumps(settings) + "\n")
+    write_text(record, json.dumps(settings) + "\n")
     return processed
 
 

@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertModel
 
+from ..data.text import load_tokenizer
+from ..utils.checkpoint import load_strict, read_state_dict
+
 
 class PromptedBert(nn.Module):
     """BertModel (no pooler) whose first layers take prompt tokens; returns the last hidden state (B, T, H)."""
@@ -112,7 +115,6 @@ def build_bert(cfg, vocab_file=None, pretrained: bool = False) -> BertModel:
 
 def build_tokenizer(cfg, vocab_file=None):
     """The uncased WordPiece tokenizer matching `build_bert(cfg, vocab_file)` (never downloads)."""
-    from ..data.text import load_tokenizer
     return load_tokenizer(cfg.text_model if cfg.text_model else _vocab_path(cfg, vocab_file))
 
 
@@ -141,6 +143,5 @@ def drop_legacy_bert_keys(state_dict: dict, prefix: str = "language_backbone.bod
 
 def load_text_weights(bert, folder) -> None:
     """Load a `train-bert` folder's weights into a BertModel (the GLIP's `language_backbone.body.model`)."""
-    from ..utils.checkpoint import load_strict, read_state_dict
     state, _ = drop_legacy_bert_keys(read_state_dict(Path(folder) / "model.safetensors"), prefix="")
     load_strict(bert, state, source=str(Path(folder) / "model.safetensors"))

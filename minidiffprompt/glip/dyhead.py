@@ -61,9 +61,12 @@ class ModulatedDeformConv(nn.Module):
             offset, mask = reinterpret_offsets(offset, mask, oh, ow)
         # GLIP forces this op to fp32 under AMP (`@custom_fwd(cast_inputs=torch.float32)`)
         dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        out = deform_conv2d(x.to(dtype), offset.to(dtype), self.weight.to(dtype), self.bias.to(dtype),
-                            stride=self.stride, padding=1, mask=mask.to(dtype))
-        return out.to(x.dtype)
+        # torchvision's kernel crashes the process (segfault) on a NaN offset, as a diverged run produces: sample
+        # at offset 0 there and return NaN, so the run stops at its loss check with a message instead
+        nan = offset.isnan().any(dim=1, keepdim=True)                        # (B, 1, oh, ow)
+        out = deform_conv2d(x.to(dtype), offset.masked_fill(nan, 0.0).to(dtype), self.weight.to(dtype),
+                            self.bias.to(dtype), stride=self.stride, padding=1, mask=mask.to(dtype))
+        return out.masked_fill(nan, float("nan")).to(x.dtype)
 
 
 class Conv3x3Norm(nn.Module):

@@ -12,7 +12,6 @@ windows (swin.py), textual prompts (B, P, hidden) BERT layer i's input (bert.py)
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import OrderedDict
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from torch import nn
 from .atss import grounding_losses, loss_normalizers
 from .bert import PromptedBert, build_bert, build_tokenizer, drop_legacy_bert_keys, tokenize
 from ..utils.checkpoint import CheckpointMismatch, load_strict, read_state_dict
+from ..utils.files import read_json
 from ..config import GLIPConfig
 from ..data.datasets import glip_normalize
 from .fpn import FPN
@@ -191,7 +191,7 @@ def load_glip_checkpoint(path, cfg: GLIPConfig | None = None, vocab_file=None) -
     if path.is_dir():
         config_file = path / "config.json"
         if config_file.exists():
-            saved = json.loads(config_file.read_text())
+            saved = read_json(config_file)
             cfg = glip_config_from_dict(saved.get("glip", saved))
         vocab_file = vocab_file or (path / "vocab.txt" if (path / "vocab.txt").exists() else None)
         obj = read_state_dict(path)

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
+from ..dit import get_1d_sincos_pos_embed_from_grid
+
 # ----------------------------------------------------------------------------------------------------------------
 # Windows: partition, merge, shift mask
 
@@ -260,7 +262,6 @@ def sincos_table(dim: int, H: int, W: int, scale: float = 1.0) -> torch.Tensor:
     the row, each as [sin(p·ω_k), cos(p·ω_k)] with ω_k = 10000^(−k/(dim/4)) and p the cell index × `scale`
     (MAE's and DiT's `get_2d_sincos_pos_embed`, dit.py, extended to H ≠ W and coarser grids). Cached: the same
     few grids come back at every forward pass; callers add it, never write into it."""
-    from ..dit import get_1d_sincos_pos_embed_from_grid
     rows, cols = np.meshgrid(np.arange(H, dtype=np.float64), np.arange(W, dtype=np.float64), indexing="ij")
     rows, cols = rows * scale, cols * scale
     return torch.from_numpy(np.concatenate([get_1d_sincos_pos_embed_from_grid(dim // 2, cols),

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..utils.checkpoint import write_json
+from ..utils.files import write_json
 from ..config import Preset
 from ..data.datasets import glip_normalize
 

@@ -11,13 +11,17 @@ import ast
 import hashlib
 import json
 import os
-import secrets
 import socket
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .files import read_json, replace_atomically, write_json, write_text
 
 
 class CheckpointMismatch(RuntimeError):
@@ -28,23 +32,10 @@ class RunLocked(RuntimeError):
     """Another live process is writing to the same run folder."""
 
 
-def _replace_atomically(write, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")   # unique per writer
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 @contextmanager
 def run_lock(folder):
     """Hold `folder/.lock` while writing a run: a second process gets `RunLocked` naming the holder (pid, host).
     The operating system releases the lock when its process dies, so a killed run's lock is simply taken over."""
-    from filelock import FileLock, Timeout
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     owner = folder / ".lock.owner"
@@ -64,17 +55,7 @@ def run_lock(folder):
 
 def atomic_save(obj, path) -> Path:
     """torch.save `obj` to `path` atomically (tmp file + rename)."""
-    return _replace_atomically(lambda tmp: torch.save(obj, tmp), path)
-
-
-def write_text(path, text: str) -> Path:
-    """Write a text file atomically: a reader sees the old file or the new one, never half of one."""
-    return _replace_atomically(lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), path)
-
-
-def write_json(path, obj) -> Path:
-    """Write `obj` as indented JSON, atomically (a config.json written last marks a stage as complete)."""
-    return write_text(path, json.dumps(obj, indent=2))
+    return replace_atomically(lambda tmp: torch.save(obj, tmp), path)
 
 
 class RunMismatch(ValueError):
@@ -118,10 +99,35 @@ def sha256_file(path) -> str:
 _FINGERPRINTS: dict = {}
 
 
+def _image_stats(root: Path, names: list[str]) -> str:
+    """One digest of the name, size and modification time of every image the split files of data root `root` name
+    (a missing one counts as such): a cheap check that the images a run saw are still those, without reading
+    them. Image paths are relative to the root's parent, or absolute (`data.datasets.resolve_image`). The list of
+    images is cached per split-file version; the images are looked at on every call."""
+    key = ("images", *((str((root / n).resolve()), (root / n).stat().st_mtime_ns) for n in names))
+    if key not in _FINGERPRINTS:
+        images = set()
+        for n in names:
+            try:
+                d = json.loads((root / n).read_text(encoding="utf-8")) if n.endswith(".json") else {}
+            except (ValueError, UnicodeDecodeError):    # a damaged split file: reading it names it, not this
+                continue
+            items = (d.get("records") or d.get("images")) if isinstance(d, dict) else None
+            images.update(x["image"] for x in items or [] if isinstance(x, dict) and isinstance(x.get("image"), str))
+        _FINGERPRINTS[key] = sorted(images)
+    h = hashlib.sha256()
+    for image in _FINGERPRINTS[key]:
+        f = root.resolve().parent / image
+        st = f.stat() if f.is_file() else None
+        h.update(f"{image}\t{st.st_size if st else 'missing'}\t{st.st_mtime_ns if st else ''}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def fingerprint(path) -> dict | str | None:
     """What a run's result depends on in an input, as sha256 digests (16 hex digits): a data root's split files
-    ({name: digest}), a weights file, or a weights folder's weight files and vocabulary. None for a missing path.
-    Digests are cached per (file, size, mtime) within a process."""
+    and, under "images", the names, sizes and times of the images they name ({name: digest}); a weights file; or a
+    weights folder's weight files and vocabulary. None for a missing path. Digests are cached per (file, size,
+    mtime) within a process."""
     path = Path(path)
     if not path.exists():
         return None
@@ -137,20 +143,41 @@ def fingerprint(path) -> dict | str | None:
     data = ("train.json", "val.json", "testA.json", "testB.json", "detection.json")
     if any((path / n).exists() for n in data):     # a data root: its split files and vocabulary
         names = [n for n in (*data, "vocab.txt") if (path / n).exists()]
-    else:                                           # a weights folder: its weights and vocabulary
-        names = sorted(f.name for f in path.iterdir()
-                       if f.suffix in (".safetensors", ".bin", ".pt", ".pth") or f.name == "vocab.txt")
+        return {**{n: digest(path / n) for n in names}, "images": _image_stats(path, names)}
+    names = sorted(f.name for f in path.iterdir()   # a weights folder: its weights and vocabulary
+                   if f.suffix in (".safetensors", ".bin", ".pt", ".pth") or f.name == "vocab.txt")
     return {n: digest(path / n) for n in names}
+
+
+def check_weights_file(path) -> None:
+    """Refuse a damaged safetensors file (cut short by a copy, say) by reading only its header, which states where
+    every tensor ends: `CheckpointMismatch` naming the file."""
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise CheckpointMismatch(f"{path}: damaged weights file ({e}); pass --no-resume to train the run again, "
+                                 "or copy the file again") from None
+
+
+def stored_run(folder, files=("model.safetensors", "config.json", "metrics.json")) -> tuple[dict, dict] | None:
+    """(config.json, metrics.json) of the finished run in `folder`, or None when one of `files` is missing. A damaged
+    weights file or JSON file is an error that names it, never a run reused in silence."""
+    folder = Path(folder)
+    if not all((folder / f).exists() for f in files):
+        return None
+    if (folder / "model.safetensors").exists():
+        check_weights_file(folder / "model.safetensors")
+    return read_json(folder / "config.json"), read_json(folder / "metrics.json")
 
 
 def finished_run(folder, config: dict) -> dict | None:
     """The metrics of the finished run in `folder` (weights, config.json and metrics.json present) when its stored
     config equals `config`; None when there is none; a `RunMismatch` naming the fields when it differs."""
-    folder = Path(folder)
-    if not all((folder / f).exists() for f in ("model.safetensors", "config.json", "metrics.json")):
+    if (run := stored_run(folder)) is None:
         return None
-    match_run(json.loads((folder / "config.json").read_text()), config, folder)
-    return json.loads((folder / "metrics.json").read_text())
+    match_run(run[0], config, folder)
+    return run[1]
 
 
 def write_run(folder, state_dict: dict, config: dict, metrics: dict, vocab=None) -> None:
@@ -166,9 +193,8 @@ def write_run(folder, state_dict: dict, config: dict, metrics: dict, vocab=None)
 
 def save_weights(state_dict: dict, path) -> Path:
     """Write a state dict as safetensors, atomically. Shared storage (tied weights) is cloned apart."""
-    from safetensors.torch import save_file
     tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
-    return _replace_atomically(lambda tmp: save_file(tensors, str(tmp)), path)
+    return replace_atomically(lambda tmp: save_file(tensors, str(tmp)), path)
 
 
 def read_state_dict(path, key: str | None = None) -> dict:
@@ -189,7 +215,6 @@ def read_state_dict(path, key: str | None = None) -> dict:
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
             obj = load_file(str(path))
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -211,7 +236,7 @@ def read_state_dict(path, key: str | None = None) -> dict:
 def check_state(own: dict, state_dict: dict, source: str, what: str) -> None:
     """Raise `CheckpointMismatch` listing every missing, unexpected, mis-shaped or wrongly typed key of `state_dict`
     against the reference `own` (a float tensor stored as integers, or the reverse, counts as wrongly typed; float
-    precisions may differ)."""
+    precisions may differ), and refuse weights that hold NaN or infinite values."""
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     common = [k for k in own if k in state_dict]
@@ -219,6 +244,11 @@ def check_state(own: dict, state_dict: dict, source: str, what: str) -> None:
                  for k in common if tuple(state_dict[k].shape) != tuple(own[k].shape)]
     mistyped = [f"{k}: checkpoint {state_dict[k].dtype} vs model {own[k].dtype}" for k in common
                 if state_dict[k].is_floating_point() != own[k].is_floating_point()]
+    nonfinite = [k for k in common if state_dict[k].is_floating_point() and not torch.isfinite(state_dict[k]).all()]
+    if nonfinite:    # a diverged run's weights: they would give NaN boxes (and crash torchvision's deform_conv2d)
+        raise CheckpointMismatch(f"{source}: {len(nonfinite)} tensors hold NaN or infinite values ("
+                                 f"{', '.join(nonfinite[:4])}{' ...' if len(nonfinite) > 4 else ''}); the run that wrote "
+                                 "them diverged: train it again with a lower --lr")
     if missing or unexpected or misshaped or mistyped:
         def show(title, items):
             more = f" ... and {len(items) - 12} more" if len(items) > 12 else ""

@@ -87,9 +87,9 @@ def loader_kwargs(num_workers: int, device: torch.device) -> dict:
     return kw
 
 
-def check_finite(loss: torch.Tensor, stage: str, step: int, lr: float) -> None:
+def check_finite(value: torch.Tensor, stage: str, step: int, lr: float, what: str = "the loss") -> None:
     """Stop a diverged run before its non-finite weights are saved or reach the next stage: a FloatingPointError
     that the command line reports in one line."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{stage}: the loss is {float(loss)} at step {step}; nothing was saved for this "
-                                 f"epoch, lower --lr (now {lr:g})")
+    if not torch.isfinite(value):
+        raise FloatingPointError(f"{stage}: {what} is {float(value.detach())} at step {step}; nothing was saved "
+                                 f"for this epoch, lower --lr (now {lr:g})")

@@ -18,11 +18,11 @@ names it: the package never runs on altered or truncated weights.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-from .checkpoint import CheckpointMismatch, sha256_file, write_json
+from .checkpoint import CheckpointMismatch, sha256_file
+from .files import read_json, write_json
 
 ROOT = Path(__file__).parent.parent / "pretrained"
 PREFIX = "shipped:"
@@ -35,7 +35,7 @@ def verify(folder: Path) -> Path:
     record = folder / "metrics.json"
     if not record.exists():
         raise FileNotFoundError(f"{folder}: no metrics.json; a shipped folder records its files' sha256 there")
-    files = json.loads(record.read_text()).get("files", {})
+    files = read_json(record).get("files", {})
     if "model.safetensors" not in files:
         raise CheckpointMismatch(f"{record}: records no model.safetensors hash")
     for name, want in files.items():
@@ -72,7 +72,7 @@ def ship(run: Path, name: str, extra: dict | None = None) -> Path:
     merged in and a `files` table of sha256 and size added.
     """
     run, dest = Path(run), ROOT / name
-    metrics = json.loads((run / "metrics.json").read_text())   # with its per-epoch history: notebooks plot it
+    metrics = read_json(run / "metrics.json")   # with its per-epoch history: notebooks plot it
     dest.mkdir(parents=True, exist_ok=True)
     files = {}
     for f in FILES:
