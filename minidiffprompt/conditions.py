@@ -52,7 +52,7 @@ class CLIPConditionEncoder(ConditionEncoder):
     def __init__(self, path: str = "openai/clip-vit-base-patch32", dtype: torch.dtype = torch.float32,
                  image_size: int = 224, context_length: int = 77):
         super().__init__()
-        from transformers import CLIPModel, CLIPTokenizer
+        from transformers import CLIPModel, CLIPTokenizer   # late: heavy, and only the paper preset's CLIP needs it
         try:
             self.model = CLIPModel.from_pretrained(path, local_files_only=True, dtype=dtype)
             self.tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)

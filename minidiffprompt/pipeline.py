@@ -8,11 +8,17 @@ import dataclasses
 import json
 from pathlib import Path
 
+from .conditions import build_condition_encoder
 from .config import METHODS, Preset, PromptConfig
+from .diffusion import GaussianDiffusion, get_betas
+from .dit import dit_arch, load_dit
+from .glip.model import load_glip_checkpoint
 from .glip.swin import block_grids
 from .prompting import DiffPromptGenerator, LearnablePrompts, freeze
 from .utils.checkpoint import CheckpointMismatch, check_state, fingerprint, load_strict, read_state_dict
 from .utils.files import read_json
+from .utils.shipped import resolve_weights
+from .vae import load_mask_vae
 
 
 def method_dir(out: Path, cfg: PromptConfig) -> Path:
@@ -42,7 +48,6 @@ PARTS = {"glip": "GLIP checkpoint", "vae": "Mask-VAE", "dit": "DiT"}
 def stage_path(cfg: PromptConfig, out: Path, stage: str) -> Path:
     """Where a frozen part ("glip", "vae" or "dit") comes from: `--<stage>_weights` (tiny: the shipped ones,
     "shipped:NAME"; paper: the official files), or with "" the run folder's own RUN/<stage>."""
-    from .utils.shipped import resolve_weights
     given = getattr(cfg, f"{stage}_weights")
     path = resolve_weights(given) if given else Path(out) / stage
     if not path.exists():
@@ -59,16 +64,11 @@ def stage_metrics(cfg: PromptConfig, out: Path, stage: str) -> dict:
 
 def load_glip(preset: Preset, out: Path):
     """The base detector: --glip_weights (tiny: the shipped one; paper: the official checkpoint), else RUN/glip."""
-    from .glip.model import load_glip_checkpoint
     return load_glip_checkpoint(stage_path(preset.prompt, out, "glip"), preset.glip)
 
 
 def load_generator_parts(preset: Preset, out: Path):
     """Frozen stage-1/2 models for Diff-Prompt: Mask-VAE, DiT, the sampling diffusion, the condition encoder."""
-    from .conditions import build_condition_encoder
-    from .diffusion import GaussianDiffusion, get_betas
-    from .dit import dit_arch, load_dit
-    from .vae import load_mask_vae
     cfg = preset.prompt
     vae = load_mask_vae(stage_path(cfg, out, "vae"))
     dit_path = stage_path(cfg, out, "dit")

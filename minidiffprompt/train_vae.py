@@ -30,6 +30,7 @@ from .utils.checkpoint import (fingerprint, load_training, match_run, restore_tr
                                stored_run)
 from .utils.files import write_json
 from .config import Preset, VAEConfig
+from .data.datasets import MaskDataset
 from .utils.distributed import (all_reduce_mean, barrier, cleanup, distributed_loader, init_distributed, is_main, rank,
                                 set_epoch, world_size, wrap_ddp)
 from .utils.runtime import check_finite, loader_kwargs, progress, seed_everything
@@ -60,7 +61,6 @@ def mask_iou(recon, x, threshold: float = 0.5) -> torch.Tensor:
 
 def load_mask_tensors(root, split: str, mask_size: int) -> torch.Tensor:
     """All masks of a split as one (N, 1, M, M) tensor, one per referred object (`data.MaskDataset`)."""
-    from .data.datasets import MaskDataset
     dataset = MaskDataset(root, split, mask_size)
     masks = [dataset[i]["mask"] for i in progress(range(len(dataset)), desc=f"masks {split}", leave=False)]
     if not masks:
@@ -75,7 +75,6 @@ def mask_loader(root, split: str, mask_size: int, batch_size: int, shuffle: bool
         dataset = TensorDataset(load_mask_tensors(root, split, mask_size))
         workers = 0
     else:
-        from .data.datasets import MaskDataset
         dataset = MaskDataset(root, split, mask_size)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=False,
                       **loader_kwargs(workers, device))

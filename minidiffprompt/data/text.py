@@ -31,7 +31,7 @@ def load_tokenizer(path_or_vocab: str | Path):
     Never downloads. Note: in transformers 5 `BertTokenizerFast(vocab_file=...)` silently ignores the file,
     so a vocab file is read here and passed as `vocab=` (the dict).
     """
-    from transformers import AutoTokenizer, BertTokenizer
+    from transformers import AutoTokenizer, BertTokenizer   # late: heavy; only loading a tokenizer needs it
 
     p = Path(path_or_vocab)
     if p.is_file():

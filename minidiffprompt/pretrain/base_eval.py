@@ -25,16 +25,22 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..utils.files import write_json
+from ..utils.runtime import pick_device, seed_everything
 from ..config import Preset
 from ..data.datasets import glip_normalize
+from ..glip.atss import atss_assign
+from ..glip.model import GLIP
+from ..pipeline import load_glip
+from ..evaluate import by_kind, expression_kinds, item_hits, predict, split_dataset
+from .train_glip import detection_recall, halves, holdout_indices, load_detection, query_recall
 
 
 def referring_by_kind(model, data: Path, split: str, preset: Preset, device) -> dict:
     """Zero-shot R@1 in percent per expression kind and "all", and the count per kind, through the same
     prediction and scoring as `evaluate` (no prompts)."""
-    from ..evaluate import by_kind, expression_kinds, item_hits, predict, split_dataset
     dataset = split_dataset(data, split, preset)
     hits = item_hits(predict(model, None, dataset, preset, device, desc=f"zero-shot {split}"), preset)
     kinds = expression_kinds(dataset, synthetic=preset.name == "tiny")
@@ -49,7 +55,6 @@ def region_features(model, images01: torch.Tensor, boxes: list[torch.Tensor], ba
     The features are what the head dots with the token features (`head.GroundingHead`): the DyHead output, level
     by level, flattened in the head's order; ATSS picks the positives exactly as in training (`atss.atss_assign`).
     """
-    from ..glip.atss import atss_assign
     model.eval()
     S = images01.shape[-1]
     feats_out, centres, owner, level = [], [], [], []
@@ -115,7 +120,6 @@ def position_words(model, images01: torch.Tensor, targets, batch_size: int = 64)
     """R@1 (IoU ≥ 0.5) of half-image phrases ("left star", "bottom circle"; `train_glip.halves`) on images where the
     named half holds exactly one object of that shape and the other half at least one more: whether the head reads
     position words at all. A head blind to them picks among the shapes by other cues (about one in two)."""
-    from .train_glip import halves, query_recall
     S = images01.shape[-1]
     queries = []
     for i, (boxes, cats, _) in enumerate(targets):
@@ -139,7 +143,6 @@ def colour_probe(model, images01: torch.Tensor, boxes: list[torch.Tensor], colou
     colour word from the features at its box centre, at four depths: the input pixels, the Swin output at stride 8
     (C3), the FPN output P3 and the DyHead output on P3 (what the head dots with the words). Chance is about one
     over the number of colours. Fitted on the first 70 % of the images, scored on the rest."""
-    import torch.nn.functional as F
     model.eval()
     names = sorted({c for cs in colours for c in cs})
     feats = {"pixels": [], "swin_C3": [], "fpn_P3": [], "dyhead_P3": []}
@@ -175,7 +178,6 @@ def colour_words(model, colours: list[str], template: str = "the small {} star")
     `template`; returns the mean cosine similarity over all pairs of colours of the features at the colour word,
     as the language backbone outputs them (`bert`) and as the head dots them with the regions (`head`, its τ):
     near 1 means the head cannot tell "red" from "green" whatever the regions carry."""
-    import torch.nn.functional as F
     model.eval()
     captions = [template.format(c) for c in colours]
     embedded, _ = model.encode_text(captions)                                   # (K, T, D)
@@ -192,17 +194,12 @@ def colour_words(model, colours: list[str], template: str = "the small {} star")
 
 def main(preset: Preset, data: Path, out: Path, probe: bool = False) -> dict:
     """Evaluate the base GLIP of `preset` (its --glip_weights, the shipped one by default) and write `out`."""
-    from ..utils.runtime import pick_device
-    from .train_glip import detection_recall, holdout_indices, load_detection
-    from ..pipeline import load_glip
     t0 = time.time()
     device = pick_device(getattr(preset, "device", "auto"))
     S = preset.data.image_size
     images, targets, categories, _ = load_detection(Path(data), S)
     _, hold = holdout_indices(len(images), preset.glip.holdout_fraction)
     if preset.prompt.glip_weights == "random":     # the architecture alone: only the probe means anything
-        from ..glip.model import GLIP
-        from ..utils.runtime import seed_everything
         seed_everything(preset.glip.seed)
         model = GLIP(preset.glip, vocab_file=Path(data) / "vocab.txt").eval()
         result = {"position_R2": position_probe(model, images[hold], [targets[i][0] for i in hold]),

@@ -24,15 +24,14 @@ from transformers import BertConfig, BertForMaskedLM
 
 from ..utils.checkpoint import finished_run, fingerprint, write_run
 from ..config import Preset
-from ..data.datasets import load_records
+from ..data.datasets import DetectionDataset, load_records
 from ..utils.runtime import command_line, progress, seed_everything
 from ..data.text import load_tokenizer
+from .train_glip import make_targets
 
 
 def corpus(data: Path, rng: random.Random, prompts_per_image: int = 4) -> list[str]:
     """The train expressions and `prompts_per_image` phrase prompts per detection image (train images only)."""
-    from ..data.datasets import DetectionDataset
-    from .train_glip import make_targets
     texts = [s["sent"] for r in load_records(data, "train") for s in r["sentences"]]
     det = DetectionDataset(data, image_size=1)
     targets = [(None, [o["category"] for o in im["objects"]], [o.get("attributes", []) for o in im["objects"]])

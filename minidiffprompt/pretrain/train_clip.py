@@ -29,12 +29,12 @@ from ..utils.checkpoint import finished_run, fingerprint, write_run
 from ..config import Preset
 from ..utils.runtime import command_line, progress, seed_everything
 from ..conditions import TinyCLIP, TinyCLIPConfig, tokenize
+from ..data.datasets import load_image, load_records
 from ..data.text import load_tokenizer
 
 
 def _pairs(data: Path, split: str, image_size: int):
     """(images (N, 3, S, S) of the split's distinct images, per image its expressions)."""
-    from ..data.datasets import load_image, load_records
     by_image: dict[str, list[str]] = {}
     for r in load_records(data, split):
         by_image.setdefault(r["image"], []).extend(s["sent"] for s in r["sentences"])

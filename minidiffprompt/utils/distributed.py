@@ -24,6 +24,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from .runtime import pick_device
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -52,7 +54,6 @@ def init_distributed(device: str | torch.device = "auto", timeout_s: int = 1800)
     nccl when the device is a GPU (each process takes GPU LOCAL_RANK), gloo on CPU. Without WORLD_SIZE > 1 in the
     environment nothing is initialised and the device is returned as `runtime.pick_device` chooses it.
     """
-    from .runtime import pick_device
     device = pick_device(str(device))
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or is_distributed():
         return _local_device(device) if is_distributed() else device
