@@ -60,14 +60,14 @@ def test_its_own_output_is_replaced_and_a_killed_runs_folder_completed(raw, tmp_
     convert(raw, out)
     assert refcoco.is_complete(out) and json.loads((out / MARKER).read_text())["files"] == sorted(refcoco.OUTPUTS)
     (out / "notes.txt").write_text("mine")
-    written, write_text = [], refcoco.write_text
+    written, write_text = [], refcoco.files.write_text
 
     def killed_after_two(path, text):                           # the marker-to-be and train.json, then killed
         if len(written) == 2:
             raise KeyboardInterrupt
         written.append(path.name)
         write_text(path, text)
-    monkeypatch.setattr(refcoco, "write_text", killed_after_two)
+    monkeypatch.setattr(refcoco.files, "write_text", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
         convert(raw, out)
     monkeypatch.undo()
