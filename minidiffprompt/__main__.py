@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None):
         if args.debug:
             raise
         message = str(e)      # a message that starts with the command's name already says where it comes from
-        raise SystemExit(message if message.startswith(f"{args.command}:") else f"{args.command}: {message}") from None
+        prefix = "" if message.startswith(f"{args.command}:") else f"{args.command}: "
+        raise SystemExit(prefix + message) from None
 
 
 if __name__ == "__main__":

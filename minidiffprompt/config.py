@@ -207,8 +207,8 @@ class GLIPConfig:
         # tiny_glip, with the exact command in its metrics.json). Its language backbone is the MLM-pretrained small
         # BERT (train_bert.py), kept frozen: fine-tuned, as GLIP fine-tunes bert-base, the detector learned faster but
         # its colour words merged (notebooks/STUDIES.md, "Colour"). Half of the prompts are phrases, half of those
-        # naming attributes only ("green"), and images are flipped. Position: at 96 px the zero-padded maps carry almost none, and
-        # pre-training erased what Swin's learned table (`swin_ape`) gave; a fixed sine-cosine code at every Swin stage
+        # naming attributes only ("green"), and images are flipped. Position: at 96 px the zero-padded maps carry
+        # almost none, and pre-training erased what Swin's learned table (`swin_ape`) gave; a fixed sine-cosine code at every Swin stage
         # (`swin_sincos`, where the visual prompts join) and on the region features the head scores (`head_sincos`)
         # give every patch and region its place (position probe R² −0.15 → 0.80; notebooks/STUDIES.md). The shipped
         # GLIP: this recipe without the two codes, continued 30 epochs with `--phrase_prompts 0.75 --lr 5e-4`, then

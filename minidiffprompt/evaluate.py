@@ -11,8 +11,9 @@ the same numbers (the authors' code draws fresh noise on every forward, test tim
 between runs unless the RNG is seeded). Each split also gets R@1 by expression kind (`by_kind`: attribute /
 extreme / relation on the synthetic set, "all" on real data) and, for every method, its R@1 minus zero-shot's on
 the same expressions with the paired standard error (`vs_zeroshot`); Diff-Prompt's also minus every other
-method's (`vs_vpt`, `vs_textprompt`, `vs_full`, `vs_oracle`, ...: `vs_<run folder name>`). Output: RUN/eval/results.{json,md} and
-RUN/eval/qualitative.png; on data other than the methods were trained on (`--data`), RUN/eval-NAME/ instead.
+method's (`vs_vpt`, `vs_textprompt`, `vs_full`, `vs_oracle`, ...: `vs_<run folder name>`). Output:
+RUN/eval/results.{json,md} and RUN/eval/qualitative.png; on data other than the methods were trained on (`--data`),
+RUN/eval-NAME/ instead.
 """
 from __future__ import annotations
 

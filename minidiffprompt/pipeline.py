@@ -70,11 +70,11 @@ def load_glip(preset: Preset, out: Path):
 def load_generator_parts(preset: Preset, out: Path):
     """Frozen stage-1/2 models for Diff-Prompt: Mask-VAE, DiT, the sampling diffusion, the condition encoder."""
     cfg = preset.prompt
-    vae = load_mask_vae(stage_path(cfg, out, "vae"))
-    dit_path = stage_path(cfg, out, "dit")
+    vae_path, dit_path = stage_path(cfg, out, "vae"), stage_path(cfg, out, "dit")
+    vae = load_mask_vae(vae_path)
     d = preset.dit
     dit = load_dit(dit_path, **dit_arch(d))
-    check_latents(vae, dit, preset.data.mask_size, stage_path(cfg, out, "vae"))
+    check_latents(vae, dit, preset.data.mask_size, vae_path)
     recorded = dit_path / "config.json"      # a `train-dit` folder records its recipe; the authors' files do not
     trained = (read_json(recorded).get("train", {}).get("dit", {}).get("prediction", "eps")
                if recorded.exists() else None)
@@ -94,9 +94,10 @@ def check_latents(vae, dit, mask_size: int, source) -> None:
     tiny preset does not): a ValueError naming both shapes."""
     latents = (vae.config["latent_channels"], vae.latent_side(mask_size))
     if latents != (dit.in_channels, dit.input_size):
-        raise ValueError(f"{source}: this Mask-VAE turns {mask_size}² masks into {latents[0]}×{latents[1]}² latents, but "
-                         f"the DiT works on {dit.in_channels}×{dit.input_size}²; give the Mask-VAE of this preset "
-                         "(--vae_weights), or the --mask_size / --input_size the two were made for")
+        raise ValueError(f"{source}: this Mask-VAE turns {mask_size}² masks into {latents[0]}×{latents[1]}² "
+                         f"latents, but the DiT works on {dit.in_channels}×{dit.input_size}²; give the Mask-VAE of "
+                         "this preset (--vae_weights), or the --mask_size / --input_size the two were made for "
+                         f"(--input_size {latents[1]} fits this Mask-VAE)")
 
 
 def build_prompter(preset: Preset, out: Path, cfg: PromptConfig | None = None):

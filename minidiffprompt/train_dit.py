@@ -38,6 +38,7 @@ from .utils.distributed import (all_reduce_mean, barrier, cleanup, distributed_l
                                 set_epoch, world_size, wrap_ddp)
 from .dit import DiT, dit_arch, dit_from_config, guided, load_dit
 from .evaluate import by_kind
+from .pipeline import check_latents
 from .utils.runtime import check_finite, progress, seed_everything
 from .utils.shipped import resolve_weights
 from .vae import MaskVAE, load_mask_vae
@@ -102,13 +103,6 @@ def encode_split(root, split: str, preset: Preset, vae: MaskVAE, encoder: Condit
             parts[key].append(value.float().cpu())
         parts["caption"] += list(batch["caption"])
     return {k: (v if k == "caption" else torch.cat(v)) for k, v in parts.items()}
-
-
-def _check_latent_size(vae: MaskVAE, preset: Preset):
-    side = vae.latent_side(preset.data.mask_size)
-    if side != preset.dit.input_size:
-        raise SystemExit(f"train-dit: the VAE turns {preset.data.mask_size}² masks into {side}² latents but the "
-                         f"DiT expects input_size {preset.dit.input_size}; set --input_size {side}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -301,10 +295,10 @@ def main(preset: Preset, data, out, resume: bool = True) -> dict:
 
     device = init_distributed(getattr(preset, "device", "auto"))   # one process per GPU under torchrun
     vae = load_stage1_vae(out, device)
-    _check_latent_size(vae, preset)
     generator = seed_everything(cfg.seed)
     encoder = build_condition_encoder(cfg).to(device)
     dit = dit_from_config(cfg).to(device)
+    check_latents(vae, dit, preset.data.mask_size, Path(out) / "vae")
     ema = copy.deepcopy(dit).requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in dit.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)

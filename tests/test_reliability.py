@@ -377,7 +377,8 @@ def test_a_run_is_evaluated_only_on_the_glip_it_was_trained_on(tmp_path):
     from minidiffprompt.utils.checkpoint import CheckpointMismatch, fingerprint
     preset = get_preset("tiny")
     shipped_glip = json.loads(json.dumps(fingerprint(stage_path(preset.prompt, tmp_path, "glip"))))
-    saved = {"config": {"upstream": {"glip": shipped_glip}}, "prompt": {"method": "vpt", "glip_weights": "shipped:tiny_glip"}}
+    saved = {"config": {"upstream": {"glip": shipped_glip}},
+             "prompt": {"method": "vpt", "glip_weights": "shipped:tiny_glip"}}
     check_base(preset, tmp_path, tmp_path / "prompts" / "vpt", saved)                 # the same GLIP: fine
     other = {**saved, "config": {"upstream": {"glip": {"model.safetensors": "0" * 16}}}}
     with pytest.raises(CheckpointMismatch, match=r"was trained on another GLIP .*'shipped:tiny_glip' then"):

@@ -115,9 +115,9 @@ def _image_stats(root: Path, names: list[str]) -> str:
             items = (d.get("records") or d.get("images")) if isinstance(d, dict) else None
             images.update(x["image"] for x in items or [] if isinstance(x, dict) and isinstance(x.get("image"), str))
         _FINGERPRINTS[key] = sorted(images)
-    h = hashlib.sha256()
+    h, base = hashlib.sha256(), root.resolve().parent
     for image in _FINGERPRINTS[key]:
-        f = root.resolve().parent / image
+        f = base / image
         st = f.stat() if f.is_file() else None
         h.update(f"{image}\t{st.st_size if st else 'missing'}\t{st.st_mtime_ns if st else ''}\n".encode())
     return h.hexdigest()[:16]
@@ -246,9 +246,10 @@ def check_state(own: dict, state_dict: dict, source: str, what: str) -> None:
                 if state_dict[k].is_floating_point() != own[k].is_floating_point()]
     nonfinite = [k for k in common if state_dict[k].is_floating_point() and not torch.isfinite(state_dict[k]).all()]
     if nonfinite:    # a diverged run's weights: they would give NaN boxes (and crash torchvision's deform_conv2d)
-        raise CheckpointMismatch(f"{source}: {len(nonfinite)} tensors hold NaN or infinite values ("
-                                 f"{', '.join(nonfinite[:4])}{' ...' if len(nonfinite) > 4 else ''}); the run that wrote "
-                                 "them diverged: train it again with a lower --lr")
+        more = " ..." if len(nonfinite) > 4 else ""
+        raise CheckpointMismatch(f"{source}: {len(nonfinite)} tensors hold NaN or infinite values "
+                                 f"({', '.join(nonfinite[:4])}{more}); the run that wrote them diverged: train it "
+                                 "again with a lower --lr")
     if missing or unexpected or misshaped or mistyped:
         def show(title, items):
             more = f" ... and {len(items) - 12} more" if len(items) > 12 else ""
